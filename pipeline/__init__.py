@@ -1,0 +1,1 @@
+"""Generation pipeline: configs in, one Dask task per shard out, each writing every variant of its images."""

@@ -1,0 +1,64 @@
+"""Variant generators, one module per variant kind, behind `base.Generator`.
+
+Modules are imported on first use, so validating a config does not import ART.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from advpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from advpipe.config import VariantConfig
+    from pipeline.generators.base import Generator, GeneratorParams
+
+#: generator name -> "module:Class"
+REGISTRY: dict[str, str] = {
+    "gaussian": "pipeline.generators.gaussian:GaussianGenerator",
+    "fgsm": "pipeline.generators.fgsm:FGSMGenerator",
+    "bim": "pipeline.generators.bim:BIMGenerator",
+    "deepfool": "pipeline.generators.deepfool:DeepFoolGenerator",
+    "cw": "pipeline.generators.cw:CarliniWagnerGenerator",
+    "style": "pipeline.generators.style:StyleTransferGenerator",
+    "b1": "pipeline.generators.shift:ScenarioB1Generator",
+    "b2": "pipeline.generators.shift:ScenarioB2Generator",
+}
+
+
+def generator_class(name: str) -> type[Generator]:
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError(f"unknown generator '{name}' (known: {known})")
+    module_name, class_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def generator_name(variant_name: str, variant: VariantConfig) -> str:
+    """The generator a variant uses: explicit `generator:`, else the variant's own name."""
+    return variant.generator or variant_name
+
+
+def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorParams:
+    """Check a variant's generator, backend and parameters; return the typed parameters."""
+    from pydantic import ValidationError
+
+    cls = generator_class(generator_name(variant_name, variant))
+    if variant.backend not in cls.backends:
+        raise ConfigError(
+            f"backend '{variant.backend}' is not offered by generator "
+            f"'{generator_name(variant_name, variant)}' (choose one of: {', '.join(cls.backends)})"
+        )
+    try:
+        return cls.params_model.model_validate(variant.params())
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"])
+            if error["type"] == "extra_forbidden":
+                problems.append(f"unknown parameter '{key}'")
+            else:
+                problems.append(f"parameter '{key}': {error['msg'].removeprefix('Value error, ')}"
+                                f" (got {error['input']!r})")
+        raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,69 @@
+"""The one small protocol every variant generator follows.
+
+A generator is built once per worker process (so an ART classifier wrapper or a
+feature extractor is created once, not per batch), then called on float
+batches in [0, 1]. Randomness comes only from the per-image seeds it is given,
+so an image's variant depends on (config, image, seed), never on batch
+composition, worker count or retries.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class GeneratorParams(BaseModel):
+    """Parameters of one generator; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Generator(ABC):
+    """Turns a clean batch into its perturbed variant.
+
+    Subclasses set `params_model` (their typed parameters) and `backends`
+    (the implementations they offer, the first being the default).
+    """
+
+    params_model: ClassVar[type[GeneratorParams]] = GeneratorParams
+    backends: ClassVar[tuple[str, ...]] = ("art",)
+    needs_model: ClassVar[bool] = True
+
+    def __init__(self, params: GeneratorParams, model: nn.Module, *, backend: str = "art",
+                 device: torch.device | str = "cpu", batch_size: int = 128) -> None:
+        self.params = params
+        self.model = model
+        self.backend = backend
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @abstractmethod
+    def generate(self, x: torch.Tensor, y: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
+        """Return the perturbed batch: same shape as `x`, float32 in [0, 1].
+
+        `x` is (N, C, H, W) float32 in [0, 1] on `self.device`, `y` int64 labels,
+        `seeds` one uint64 per image. Per-image failures may be returned as NaN
+        rows; the pipeline records them and never stores the NaN.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters as stored in the manifest."""
+        return self.params.model_dump(mode="json")
+
+
+def image_generator(seed: int) -> np.random.Generator:
+    """A numpy generator for one image, from its 64-bit seed."""
+    return np.random.default_rng(np.random.SeedSequence(int(seed)))
+
+
+def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for one image, seeded from its 64-bit seed (device-local)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
