@@ -1,0 +1,64 @@
+"""How a variant's pixels are kept on disk, for each precision mode.
+
+Rounding an adversarial image to uint8 moves pixels by up to 1/510, enough to
+undo minimal attacks (METHODS.md section 1). The default mode therefore keeps
+the clean image as uint8 (exact: the source is uint8) and each variant as its
+perturbation `delta = variant - clean/255` in float16, whose rounding error
+shrinks with the perturbation itself.
+
+| precision | stored per variant          | reconstruction                     |
+|-----------|-----------------------------|------------------------------------|
+| float16   | delta, float16              | clip(clean/255 + delta, 0, 1)      |
+| float32   | delta, float32              | clip(clean/255 + delta, 0, 1)      |
+| uint8     | round(variant * 255), uint8 | stored / 255                       |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STORED_DTYPE = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
+INV255 = np.float32(1.0 / 255.0)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A variant as stored, plus what encoding it cost."""
+
+    stored: np.ndarray
+    failed: np.ndarray  # bool (n,): the generator gave NaN/inf for these images
+    max_abs_error: float
+
+
+def to_float(clean: np.ndarray) -> np.ndarray:
+    return clean.astype(np.float32) * INV255
+
+
+def encode(clean: np.ndarray, variant: np.ndarray, precision: str) -> Encoded:
+    """Encode a float variant batch in [0, 1] against its uint8 clean batch.
+
+    Rows with a non-finite value are failures: they are stored as the clean image
+    (delta 0) and flagged, so a NaN never reaches the disk.
+    """
+    variant = np.asarray(variant, dtype=np.float32)
+    failed = ~np.isfinite(variant).reshape(len(variant), -1).all(axis=1)
+    base = to_float(clean)
+    variant = np.where(failed.reshape(-1, *([1] * (variant.ndim - 1))), base, variant)
+    variant = np.clip(variant, 0.0, 1.0)
+    if precision == "uint8":
+        stored = np.rint(variant * 255.0).astype(np.uint8)
+    else:
+        stored = (variant - base).astype(STORED_DTYPE[precision])
+    error = np.abs(decode(clean, stored, precision) - variant)
+    return Encoded(stored=stored, failed=failed, max_abs_error=float(error.max(initial=0.0)))
+
+
+def decode(clean: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
+    """Float32 pixels in [0, 1] from the stored form (see the table above)."""
+    if precision == "uint8":
+        return stored.astype(np.float32) * INV255
+    out = to_float(clean)
+    out += stored
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -1,0 +1,160 @@
+"""The manifest: what a store holds, where, and how to check it (docs/FORMAT.md).
+
+The manifest is written last and atomically, so a directory is a store exactly
+when `manifest.json` exists and validates against this schema. Everything a
+reader trusts (shard names, counts, shapes) is validated here before use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from advpipe.errors import StoreError
+
+FORMAT = "advpipe-store"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardRecord(Strict):
+    """One shard file: the half-open sample range [start, stop) of its split."""
+
+    name: str
+    start: int = Field(ge=0)
+    stop: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _inside_store(cls, name: str) -> str:
+        return safe_relative_name(name)
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+class VariantStats(Strict):
+    """Per-variant statistics over one split, filled in by generation."""
+
+    count: int = 0
+    failed: int = 0
+    clean_correct: int = 0
+    fooled: int = 0
+    success_rate: float | None = None
+    mean_l2: float | None = None
+    max_l2: float | None = None
+    mean_linf: float | None = None
+    max_linf: float | None = None
+    max_abs_error: float = 0.0
+
+
+class SplitRecord(Strict):
+    count: int = Field(ge=0)
+    source_fingerprint: str
+    shards: list[ShardRecord]
+    stats: dict[str, VariantStats] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _contiguous(self) -> SplitRecord:
+        position = 0
+        for shard in self.shards:
+            if shard.start != position or shard.stop <= shard.start:
+                raise ValueError(f"shard {shard.name} covers [{shard.start}, {shard.stop}), expected to start at {position}")
+            position = shard.stop
+        if position != self.count:
+            raise ValueError(f"shards cover {position} samples but count is {self.count}")
+        return self
+
+
+class VariantRecord(Strict):
+    name: str
+    generator: str
+    backend: str
+    params: dict[str, Any]
+    fingerprint: str
+
+
+class Manifest(Strict):
+    format: Literal["advpipe-store"] = FORMAT
+    format_version: int
+    fingerprint: str
+    backend: Literal["hdf5", "webdataset"]
+    precision: Literal["float16", "float32", "uint8"]
+    compression: Literal["gzip", "lzf"] | None = None
+    image_shape: tuple[int, int, int]
+    class_names: list[str]
+    seed: int
+    source: dict[str, Any]
+    model: dict[str, Any] | None
+    library_versions: dict[str, str]
+    variants: list[VariantRecord]
+    splits: dict[str, SplitRecord]
+    created_by: str = ""
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported(cls, version: int) -> int:
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"store format version {version} is not supported by this advpipe (it reads version "
+                f"{FORMAT_VERSION}); convert the store with the advpipe that wrote it or regenerate it"
+            )
+        return version
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [variant.name for variant in self.variants]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def variant(self, name: str) -> VariantRecord:
+        for record in self.variants:
+            if record.name == name:
+                return record
+        raise StoreError(f"store has no variant '{name}' (it has: {', '.join(self.variant_names) or 'none'})")
+
+
+def safe_relative_name(name: str) -> str:
+    """Refuse shard names that could point outside the store directory."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
+        raise ValueError(f"shard name '{name}' must be a relative path inside the store")
+    return name
+
+
+def read_manifest(store_dir: str | Path) -> Manifest:
+    """Load and validate a store's manifest; a missing or partial one means 'not a finished store'."""
+    store_dir = Path(store_dir)
+    path = store_dir / MANIFEST_NAME
+    if not store_dir.is_dir():
+        raise StoreError(f"{store_dir}: no such store directory")
+    if not path.is_file():
+        raise StoreError(
+            f"{store_dir}: not a finished store (no {MANIFEST_NAME}); it may still be being generated, "
+            "or generation was interrupted: re-run `advpipe generate` to complete it"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise StoreError(f"{path}: not an advpipe store manifest (missing \"format\": \"{FORMAT}\")")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
+        raise StoreError(f"{path}: manifest fails validation: {problems}") from None
