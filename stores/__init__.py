@@ -8,7 +8,7 @@
 
 from stores.build import SplitArrays, build_store, convert_store
 from stores.manifest import Manifest, read_manifest
-from stores.store import Store, SplitReader, open_store
+from stores.store import SplitReader, Store, open_store
 from stores.verify import verify_store
 
 __all__ = ["Manifest", "SplitArrays", "SplitReader", "Store", "build_store", "convert_store", "open_store",

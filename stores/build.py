@@ -110,7 +110,8 @@ def _variant_record(name: str, params: dict) -> VariantRecord:
     rest = {k: v for k, v in params.items() if k not in ("generator", "backend")}
     backend = params.get("backend", "arrays")
     return VariantRecord(name=name, generator=generator, backend=backend, params=rest,
-                         fingerprint=sha256_json({"name": name, "generator": generator, "backend": backend, "params": rest}))
+                         fingerprint=sha256_json({"name": name, "generator": generator, "backend": backend,
+                                                     "params": rest}))
 
 
 def convert_store(source: str | Path, target: str | Path, backend: str, compression: str | None = None,

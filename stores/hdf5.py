@@ -71,7 +71,9 @@ class HDF5Shard:
         try:
             handle = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
-            raise IntegrityError(f"shard {self.path.name}: cannot be opened as HDF5 ({exc}); run `advpipe verify`") from None
+            raise IntegrityError(
+                f"shard {self.path.name}: cannot be opened as HDF5 ({exc}); run `advpipe verify`"
+            ) from None
         try:
             keys = ["clean", *[f"variants/{n}" for n in self.variant_names]]
             for key in ["ids", "labels", *[f"failed/{n}" for n in self.variant_names]]:

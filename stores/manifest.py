@@ -69,7 +69,9 @@ class SplitRecord(Strict):
         position = 0
         for shard in self.shards:
             if shard.start != position or shard.stop <= shard.start:
-                raise ValueError(f"shard {shard.name} covers [{shard.start}, {shard.stop}), expected to start at {position}")
+                raise ValueError(
+                    f"shard {shard.name} covers [{shard.start}, {shard.stop}), expected to start at {position}"
+                )
             position = shard.stop
         if position != self.count:
             raise ValueError(f"shards cover {position} samples but count is {self.count}")

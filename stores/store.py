@@ -104,7 +104,9 @@ def check_shard(store_dir: Path, record: ShardRecord, checksum: bool = True) -> 
         raise IntegrityError(f"shard {record.name}: missing from {store_dir}")
     size = path.stat().st_size
     if size != record.bytes:
-        raise IntegrityError(f"shard {record.name}: {size} bytes on disk, manifest says {record.bytes} (truncated or replaced)")
+        raise IntegrityError(
+            f"shard {record.name}: {size} bytes on disk, manifest says {record.bytes} (truncated or replaced)"
+        )
     if checksum and sha256_file(path) != record.sha256:
         raise IntegrityError(f"shard {record.name}: sha256 does not match the manifest (the file is corrupt)")
 

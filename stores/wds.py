@@ -183,7 +183,9 @@ class WdsShard:
                 raise IntegrityError(f"shard {self.path.name}: cannot be read ({exc})") from None
             records = list(iter_records(data, self.path.name))
             if len(records) != self.count:
-                raise IntegrityError(f"shard {self.path.name}: holds {len(records)} records, manifest says {self.count}")
+                raise IntegrityError(
+                    f"shard {self.path.name}: holds {len(records)} records, manifest says {self.count}"
+                )
             self._records = records
             self._failed = np.array([[n in r.failed for n in self.variant_names] for r in records], dtype=bool)
             self._failed = self._failed.reshape(len(records), len(self.variant_names))
