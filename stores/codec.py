@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 STORED_DTYPE = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
-INV255 = np.float32(1.0 / 255.0)
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,8 @@ class Encoded:
 
 
 def to_float(clean: np.ndarray) -> np.ndarray:
-    return clean.astype(np.float32) * INV255
+    """The canonical uint8 -> float conversion (x / 255, correctly rounded) used everywhere."""
+    return clean.astype(np.float32) / np.float32(255)
 
 
 def encode(clean: np.ndarray, variant: np.ndarray, precision: str) -> Encoded:
@@ -58,7 +58,7 @@ def encode(clean: np.ndarray, variant: np.ndarray, precision: str) -> Encoded:
 def decode(clean: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
     """Float32 pixels in [0, 1] from the stored form (see the table above)."""
     if precision == "uint8":
-        return stored.astype(np.float32) * INV255
+        return to_float(stored)
     out = to_float(clean)
     out += stored
     return np.clip(out, 0.0, 1.0, out=out)

@@ -1,0 +1,147 @@
+"""The `advpipe` command line: one subcommand per step of the workflow.
+
+    advpipe run CONFIG            the main job: train the source model, generate the store, verify it
+    advpipe train-source CONFIG   train the white-box source model the attacks run against
+    advpipe generate CONFIG       fill a store with every variant of every image (Dask)
+    advpipe inspect STORE         a readable card of a store (--grid out.png for a picture)
+    advpipe verify STORE          checksums, counts, shapes; non-zero exit naming bad shards
+    advpipe convert SRC DST       rewrite a store with the other backend
+    advpipe sample STORE          what the sampler would yield under a policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from advpipe.errors import AdvpipeError
+
+log = logging.getLogger("advpipe")
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable:
+    def register(function: Callable[[argparse.Namespace], int]) -> Callable:
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="advpipe",
+        description="Precompute adversarial variants of training images into sharded stores, and train on them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `advpipe COMMAND --help` for the options of one command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", type=Path, help="YAML config, e.g. configs/digits.yaml")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's device)")
+        return p
+
+    run = config_command("run", "Main job: train the source model, generate the store, verify it.")
+    _generation_options(run)
+    config_command("train-source", "Train the white-box source model (plain cross-entropy) and save its checkpoint.")
+    generate = config_command("generate", "Generate every variant of every image into the config's store.")
+    _generation_options(generate)
+
+    inspect = sub.add_parser("inspect", help="Print a readable card of a store.", description="Print a store's card.")
+    inspect.add_argument("store", type=Path)
+    inspect.add_argument("--grid", type=Path, default=None, help="also draw images x variants into this PNG")
+    inspect.add_argument("--split", default="train", help="split drawn by --grid (default: train)")
+    inspect.add_argument("-n", "--count", type=int, default=8, help="images drawn by --grid (default: 8)")
+
+    verify = sub.add_parser("verify", help="Verify checksums, counts and shapes of every shard.",
+                            description="Verify a store; exits 3 and names each bad shard if any.")
+    verify.add_argument("store", type=Path)
+
+    convert = sub.add_parser("convert", help="Rewrite a store with another backend.",
+                             description="Rewrite a store with another backend; stored values are unchanged.")
+    convert.add_argument("source", type=Path)
+    convert.add_argument("target", type=Path)
+    convert.add_argument("--to", choices=["hdf5", "webdataset"], required=True, dest="backend")
+    convert.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="HDF5 only")
+    convert.add_argument("--force", action="store_true", help="replace an existing store at TARGET")
+    return parser
+
+
+def _generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", default=None,
+                        help="local (a LocalCluster sized to this machine), local:N (N worker processes)")
+    parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--force", action="store_true", help="replace a store made with a different fingerprint")
+
+
+@command("inspect")
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from stores import open_store
+    from stores.inspect import card, grid
+
+    store = open_store(args.store, verify="size")
+    print(card(store.manifest, store.path))
+    if args.grid:
+        print(f"\ngrid written to {grid(store, args.grid, args.split, args.count)}")
+    return 0
+
+
+@command("verify")
+def cmd_verify(args: argparse.Namespace) -> int:
+    from stores import verify_store
+
+    report = verify_store(args.store, progress=sys.stderr.isatty())
+    for problem in report.problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if not report.ok:
+        print(f"{args.store}: {len(report.problems)} problem(s) in {report.shards} shards", file=sys.stderr)
+        return 3
+    print(f"{args.store}: OK, {report.shards} shards, {report.samples} samples verified")
+    return 0
+
+
+@command("convert")
+def cmd_convert(args: argparse.Namespace) -> int:
+    from stores import convert_store
+
+    manifest = convert_store(args.source, args.target, args.backend, args.compression, overwrite=args.force)
+    print(f"{args.target}: {manifest.backend} store written ({sum(s.count for s in manifest.splits.values())} images)")
+    return 0
+
+
+@command("train-source")
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from trainers.clean import train_source
+
+    from advpipe.config import load_config
+
+    config = load_config(args.config)
+    path, metrics = train_source(config, device=args.device)
+    print(f"source model written to {path}: test accuracy {metrics['test_accuracy']:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[args.command](args)
+    except AdvpipeError as exc:
+        print(f"advpipe {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"advpipe {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

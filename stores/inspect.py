@@ -1,0 +1,97 @@
+"""Human-readable views of a store: a text card and a picture grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stores.manifest import Manifest
+from stores.store import Store
+
+
+def card(manifest: Manifest, path: Path) -> str:
+    """A short, readable summary of what a store holds and how it was made."""
+    c, h, w = manifest.image_shape
+    total = sum(s.bytes for split in manifest.splits.values() for s in split.shards)
+    lines = [
+        f"store        {path}",
+        f"fingerprint  {manifest.fingerprint[:16]}  (format v{manifest.format_version}, {manifest.backend}, "
+        f"precision {manifest.precision}, compression {manifest.compression or 'none'})",
+        f"images       {c}x{h}x{w}, {len(manifest.class_names)} classes: {_preview(manifest.class_names)}",
+        f"source       {manifest.source.get('kind', '?')}  "
+        + "  ".join(f"{s}={r.count}" for s, r in manifest.splits.items()),
+        f"model        {_model_line(manifest)}",
+        f"seed         {manifest.seed}",
+        f"size         {total / 2**20:.1f} MiB in {sum(len(s.shards) for s in manifest.splits.values())} shards",
+        "",
+        f"{'variant':<16}{'generator':<12}{'split':<7}{'success':>8}{'mean L2':>9}{'max Linf':>9}"
+        f"{'failed':>7}{'max err':>10}  parameters",
+    ]
+    for variant in manifest.variants:
+        params = ", ".join(f"{k}={v}" for k, v in sorted(variant.params.items()))
+        for split, record in manifest.splits.items():
+            stats = record.stats.get(variant.name)
+            if stats is None:
+                continue
+            lines.append(
+                f"{variant.name:<16}{variant.generator:<12}{split:<7}{_pct(stats.success_rate):>8}"
+                f"{_num(stats.mean_l2):>9}{_num(stats.max_linf):>9}{stats.failed:>7}"
+                f"{stats.max_abs_error:>10.2e}  {params}"
+            )
+    return "\n".join(lines)
+
+
+def _preview(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _model_line(manifest: Manifest) -> str:
+    if not manifest.model:
+        return "none (no attacks against a model)"
+    return f"{manifest.model.get('arch', '?')}  fingerprint {str(manifest.model.get('fingerprint', '?'))[:16]}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def grid(store: Store, out: Path, split: str = "train", count: int = 8, amplify: float | None = None) -> Path:
+    """Draw `count` images (rows) by every variant, each followed by its amplified perturbation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reader = store.split(split)
+    indices = np.linspace(0, len(reader) - 1, num=min(count, len(reader))).astype(np.int64)
+    clean = reader.read(indices, 0)
+    names = store.variants
+    columns = 1 + 2 * (len(names) - 1)
+    figure, axes = plt.subplots(len(indices), columns, figsize=(1.3 * columns, 1.3 * len(indices)), squeeze=False)
+    for row in range(len(indices)):
+        _show(axes[row][0], clean[row], names[0] if row == 0 else None)
+        for v, name in enumerate(names[1:], start=1):
+            image = reader.read(indices[row : row + 1], v)[0]
+            delta = image - clean[row]
+            gain = amplify or 0.5 / max(float(np.abs(delta).max()), 1e-6)
+            _show(axes[row][2 * v - 1], image, name if row == 0 else None)
+            _show(axes[row][2 * v], np.clip(0.5 + gain * delta, 0, 1), f"x{gain:.0f} diff" if row == 0 else None)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def _show(axis, image: np.ndarray, title: str | None) -> None:
+    picture = image.transpose(1, 2, 0)
+    axis.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if title:
+        axis.set_title(title, fontsize=7)

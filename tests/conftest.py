@@ -1,0 +1,50 @@
+"""Shared test fixtures: small real stores written from test-made arrays."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stores import SplitArrays, build_store
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def make_arrays(count: int = 70, shape=(3, 8, 8), seed: int = 0, variants=("noise", "tiny")) -> SplitArrays:
+    """Clean uint8 images plus float variants: a visible one and a sub-1/255 one that uint8 would erase."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(count, *shape), dtype=np.uint8)
+    base = images.astype(np.float32) / 255
+    arrays = {
+        "noise": np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1).astype(np.float32),
+        "tiny": np.clip(base + 0.001 * np.sign(rng.normal(size=base.shape)), 0, 1).astype(np.float32),
+    }
+    return SplitArrays(images=images, labels=rng.integers(0, 10, count), source_fingerprint=f"test-{seed}",
+                       variants={name: arrays[name] for name in variants})
+
+
+def write_test_store(path: Path, backend: str = "hdf5", precision: str = "float16", shard_size: int = 32,
+                     compression: str | None = None, count: int = 70) -> dict[str, SplitArrays]:
+    splits = {"train": make_arrays(count, seed=0), "test": make_arrays(count // 2 + 1, seed=1)}
+    build_store(path, splits, class_names=CLASSES, backend=backend, precision=precision, shard_size=shard_size,
+                compression=compression, progress=False)
+    return splits
+
+
+@pytest.fixture
+def hdf5_store(tmp_path: Path) -> tuple[Path, dict[str, SplitArrays]]:
+    path = tmp_path / "store-h5"
+    return path, write_test_store(path)
+
+
+@pytest.fixture
+def wds_store(tmp_path: Path) -> tuple[Path, dict[str, SplitArrays]]:
+    path = tmp_path / "store-wds"
+    return path, write_test_store(path, backend="webdataset")
