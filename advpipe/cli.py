@@ -116,11 +116,54 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("generate")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from advpipe.config import load_config
+    from pipeline.job import generate
+    from stores.inspect import card
+
+    config = load_config(args.config)
+    outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
+    if outcome.status == "up-to-date":
+        print(f"{config.store.path} is up to date with {args.config}: nothing to do")
+    else:
+        print(f"store {outcome.status}: {outcome.computed} shard(s) computed, {outcome.reused} reused")
+    print(card(outcome.manifest, Path(config.store.path)))
+    return 0
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job; each step is skipped when its output is already up to date."""
+    from advpipe.config import load_config
+    from pipeline.job import generate
+    from stores import verify_store
+    from trainers.clean import source_model_is_current, train_source
+
+    config = load_config(args.config)
+    if source_model_is_current(config):
+        print(f"[1/3] source model {config.model.checkpoint} is up to date")
+    else:
+        path, metrics = train_source(config, device=args.device)
+        print(f"[1/3] source model written to {path}: test accuracy {metrics['test_accuracy']:.4f}")
+    outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
+    print(f"[2/3] store {config.store.path}: {outcome.status}")
+    report = verify_store(config.store.path)
+    if not report.ok:
+        for problem in report.problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        return 3
+    print(f"[3/3] verified {report.shards} shards, {report.samples} samples\n")
+    from stores.inspect import card
+
+    print(card(outcome.manifest, Path(config.store.path)))
+    return 0
+
+
 @command("train-source")
 def cmd_train_source(args: argparse.Namespace) -> int:
-    from trainers.clean import train_source
-
     from advpipe.config import load_config
+    from trainers.clean import train_source
 
     config = load_config(args.config)
     path, metrics = train_source(config, device=args.device)

@@ -86,11 +86,28 @@ class StoreConfig(Section):
     splits: tuple[Literal["train", "test"], ...] = SPLITS
 
 
+class SlurmConfig(Section):
+    """dask-jobqueue SLURMCluster settings, used with `--cluster slurm` (docs/CLUSTER.md)."""
+
+    queue: str | None = None
+    account: str | None = None
+    cores: int = Field(default=4, ge=1)
+    processes: int = Field(default=4, ge=1)
+    memory: str = "16GB"
+    walltime: str = "02:00:00"
+    jobs: int = Field(default=2, ge=1)
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    local_directory: str | None = None
+
+
 class GenerationConfig(Section):
     batch_size: int = Field(default=128, ge=1)
-    cluster: str = "local"
+    cluster: str = Field(default="local", pattern=r"^(local(:[1-9][0-9]*)?|inline|slurm)$")
     scheduler: str | None = None
     threads_per_worker: int = Field(default=1, ge=1)
+    retries: int = Field(default=2, ge=0)
+    slurm: SlurmConfig = SlurmConfig()
 
 
 class Range(Section):

@@ -102,6 +102,7 @@ class Manifest(Strict):
     variants: list[VariantRecord]
     splits: dict[str, SplitRecord]
     created_by: str = ""
+    generation: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("format_version")
     @classmethod

@@ -1,0 +1,81 @@
+"""Where shard tasks run: a LocalCluster, an existing scheduler, or SLURM via dask-jobqueue.
+
+The same job runs unchanged on each; only the Dask client differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+
+from advpipe.config import GenerationConfig, SlurmConfig
+from advpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def local_workers(spec: str) -> int:
+    """'local' -> one worker process per core; 'local:N' -> N worker processes."""
+    if spec == "local":
+        return max(1, os.cpu_count() or 1)
+    try:
+        count = int(spec.split(":", 1)[1])
+    except (IndexError, ValueError):
+        count = 0
+    if count < 1:
+        raise ConfigError(f"cluster '{spec}' is not valid: use local, local:N (N >= 1), inline or slurm")
+    return count
+
+
+@contextlib.contextmanager
+def dask_client(generation: GenerationConfig, cluster: str | None = None,
+                scheduler: str | None = None) -> Iterator[object]:
+    """Yield a connected `distributed.Client`, closing whatever this call started."""
+    from distributed import Client, LocalCluster
+
+    scheduler = scheduler or generation.scheduler
+    spec = cluster or generation.cluster
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); is it running?") from None
+        _announce(client, f"scheduler {scheduler}")
+        with contextlib.closing(client):
+            yield client
+        return
+    if spec == "slurm":
+        started = slurm_cluster(generation.slurm)
+        started.scale(jobs=generation.slurm.jobs)
+    else:
+        started = LocalCluster(n_workers=local_workers(spec), threads_per_worker=generation.threads_per_worker,
+                               processes=True, dashboard_address=":0" if _has_dashboard() else None,
+                               silence_logs=logging.WARNING)
+    with started, Client(started) as client:
+        _announce(client, spec)
+        yield client
+
+
+def slurm_cluster(slurm: SlurmConfig):
+    """A dask-jobqueue SLURMCluster built from the config (its `job_script()` is what gets submitted)."""
+    from dask_jobqueue import SLURMCluster
+
+    return SLURMCluster(
+        queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=slurm.processes,
+        memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=slurm.job_extra_directives,
+        job_script_prologue=slurm.job_script_prologue, local_directory=slurm.local_directory,
+    )
+
+
+def _has_dashboard() -> bool:
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def _announce(client, where: str) -> None:
+    workers = len(client.scheduler_info().get("workers", {}))
+    log.info("dask: %s, %d worker(s) connected", where, workers)
+    if _has_dashboard() and client.dashboard_link:
+        log.info("dask dashboard: %s", client.dashboard_link)

@@ -1,0 +1,307 @@
+"""`advpipe generate`: the client side of a generation run.
+
+The client decides what must be computed, submits one task per missing shard,
+and assembles the manifest from the workers' progress records at the end:
+
+1. Fingerprint the run (config, source data, model, library versions).
+2. Same fingerprint as the finished store -> nothing to do. A finished store
+   whose variants are a subset of the config's -> compute only the new variants.
+   Anything else -> refused unless --force.
+3. Mark the directory as in progress (`.generation.json`), take any old manifest
+   offline, skip shards whose progress record and checksum prove them finished.
+4. Run the remaining shards (Dask, or inline), then write the manifest last.
+
+Killing the client, a worker or the whole machine at any point leaves either a
+finished store or a directory the next run resumes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from advpipe.config import Config
+from advpipe.datasets import load_source
+from advpipe.devices import resolve_device
+from advpipe.errors import AdvpipeError, GenerationError, StoreError
+from advpipe.io import atomic_write_json, sha256_file
+from advpipe.provenance import library_versions
+from pipeline.plan import (
+    JobSpec,
+    ShardTask,
+    VariantPlan,
+    base_fingerprint,
+    shard_tasks,
+    store_fingerprint,
+    variant_plans,
+)
+from pipeline.worker import PROGRESS_DIR, progress_path, run_shard
+from stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardRecord, SplitRecord, VariantRecord
+from stores.stats import Tally, merge_all
+from stores.store import write_manifest
+
+log = logging.getLogger(__name__)
+
+MARKER = ".generation.json"
+PREVIOUS = ".previous-manifest.json"
+
+
+@dataclass
+class Outcome:
+    status: str  # "created", "up-to-date", "extended"
+    manifest: Manifest
+    computed: int
+    reused: int
+
+
+def generate(config: Config, *, cluster: str | None = None, scheduler: str | None = None, force: bool = False,
+             device: str | None = None, progress: bool = True) -> Outcome:
+    """Fill `config.store.path` with every configured variant; see the module docstring."""
+    store_dir = Path(config.store.path)
+    plans = variant_plans(config)
+    sources = {split: load_source(config.source, split) for split in config.store.splits}
+    model_meta = _model_meta(config, plans, sources)
+    source_fps = {split: s.fingerprint for split, s in sources.items()}
+    base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
+    fingerprint = store_fingerprint(base, plans)
+    _check_writable(store_dir)
+
+    finished = _finished_manifest(store_dir)
+    if finished is not None and finished.fingerprint == fingerprint:
+        _check_layout(finished, config)
+        _cleanup(store_dir)
+        log.info("%s is up to date (fingerprint %s): nothing to do", store_dir, fingerprint[:12])
+        return Outcome("up-to-date", finished, 0, 0)
+    previous = _previous_for_extension(store_dir, finished, base, plans, config, force)
+    _claim(store_dir, fingerprint, force, previous)
+
+    job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
+                  base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
+                  device=str(resolve_device(device or config.device)),
+                  reuse_existing=previous is not None, extra={"previous": previous} if previous else {})
+    tasks = _plan_tasks(config, sources, plans, previous)
+    pending = [t for t in tasks if not _is_done(store_dir, t, fingerprint)]
+    log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))
+    _run(pending, job, config, cluster, scheduler, progress)
+
+    manifest = _assemble(config, job, tasks, sources, model_meta, plans)
+    write_manifest(store_dir, manifest)
+    _cleanup(store_dir)
+    status = "extended" if previous else "created"
+    log.info("%s: store %s (%d shards computed)", store_dir, status, len(pending))
+    return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
+
+
+def _model_meta(config: Config, plans: list[VariantPlan], sources: dict) -> Any:
+    """The source model's metadata, checked against the data; None when no variant needs a model."""
+    from advpipe.models.checkpoint import check_compatible, load_checkpoint
+
+    needed = any(p.needs_model for p in plans)
+    if not needed and not Path(config.model.checkpoint).is_file():
+        return None
+    if not Path(config.model.checkpoint).is_file():
+        raise GenerationError(f"{config.model.checkpoint}: source model checkpoint not found; "
+                              f"train it first with `advpipe train-source CONFIG` (or `advpipe run CONFIG`)")
+    _, meta = load_checkpoint(config.model.checkpoint)
+    for source in sources.values():
+        check_compatible(meta, source.num_classes, source.image_shape)
+    return meta
+
+
+def _check_writable(store_dir: Path) -> None:
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        probe = store_dir / f".tmp-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"{store_dir}: cannot write the store here ({exc.strerror}); "
+                         "choose a writable store.path") from None
+
+
+def _finished_manifest(store_dir: Path) -> Manifest | None:
+    if not (store_dir / MANIFEST_NAME).exists():
+        return None
+    from stores.manifest import read_manifest
+
+    return read_manifest(store_dir)
+
+
+def _check_layout(manifest: Manifest, config: Config) -> None:
+    if (manifest.backend, manifest.compression) != (config.store.backend, config.store.compression):
+        raise StoreError(f"{config.store.path}: the store holds the same data as a {manifest.backend} store "
+                         f"(compression {manifest.compression}); use `advpipe convert` for another layout")
+
+
+def _previous_for_extension(store_dir: Path, finished: Manifest | None, base: str, plans: list[VariantPlan],
+                            config: Config, force: bool) -> dict | None:
+    """Decide what an existing store means for this run: extend it, replace it (--force) or refuse."""
+    if finished is None:
+        saved = store_dir / PREVIOUS
+        return json.loads(saved.read_text())["previous"] if saved.exists() else None
+    wanted = {p.name: p.fingerprint for p in plans}
+    extendable = (finished.generation.get("base_fingerprint") == base
+                  and all(wanted.get(v.name) == v.fingerprint for v in finished.variants)
+                  and (finished.backend, finished.compression) == (config.store.backend, config.store.compression))
+    if extendable:
+        previous = {
+            "variants": finished.variant_names,
+            "shards": {s.name: s.model_dump() for split in finished.splits.values() for s in split.shards},
+            "errors": {name: {v: s.max_abs_error for v, s in split.stats.items()}
+                       for name, split in finished.splits.items()},
+        }
+        atomic_write_json(store_dir / PREVIOUS, {"previous": previous, "manifest": finished.model_dump(mode="json")})
+        (store_dir / MANIFEST_NAME).unlink()  # the store is offline until the new manifest is written
+        log.info("extending %s with variant(s): %s", store_dir,
+                 ", ".join(n for n in wanted if n not in finished.variant_names))
+        return previous
+    if not force:
+        raise StoreError(f"{store_dir}: a store made with a different configuration exists here "
+                         f"(fingerprint {finished.fingerprint[:12]}); use another store.path, or --force to replace it")
+    log.warning("--force: replacing the store at %s", store_dir)
+    _wipe(store_dir)
+    return None
+
+
+def _claim(store_dir: Path, fingerprint: str, force: bool, previous: dict | None) -> None:
+    """Mark the directory as being generated with this fingerprint; refuse to mix two runs' shards."""
+    marker = store_dir / MARKER
+    if marker.exists():
+        claimed = json.loads(marker.read_text()).get("fingerprint")
+        if claimed != fingerprint:
+            if not force:
+                raise StoreError(f"{store_dir}: an interrupted generation with a different configuration "
+                                 "left shards here; re-run it with its config, or --force to discard them")
+            _wipe(store_dir)
+            previous = None
+    elif any(store_dir.iterdir()) and previous is None:
+        leftovers = [p.name for p in store_dir.iterdir() if not p.name.startswith(".tmp-")]
+        if leftovers and not force:
+            raise StoreError(f"{store_dir}: directory is not empty and is not a store ({', '.join(leftovers[:3])}); "
+                             "choose an empty store.path, or --force to clear it")
+        if leftovers:
+            _wipe(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"fingerprint": fingerprint, "versions": library_versions()})
+
+
+def _wipe(store_dir: Path) -> None:
+    for child in store_dir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _plan_tasks(config: Config, sources: dict, plans: list[VariantPlan], previous: dict | None) -> list[ShardTask]:
+    known = set(previous["variants"]) if previous else set()
+    compute = tuple(p.name for p in plans if p.name not in known)
+    tasks = []
+    for split, source in sources.items():
+        if len(source) == 0:
+            raise GenerationError(f"source split '{split}' is empty; nothing to generate")
+        tasks += shard_tasks(split, len(source), config.store.shard_size, config.store.backend, compute)
+    return tasks
+
+
+def _is_done(store_dir: Path, task: ShardTask, fingerprint: str) -> bool:
+    """A shard is finished when its progress record belongs to this run and the file matches its checksum."""
+    record_path = progress_path(store_dir, task)
+    if not record_path.exists():
+        return False
+    try:
+        progress = json.loads(record_path.read_text())
+        record = ShardRecord.model_validate(progress["record"])
+        path = store_dir / task.name
+        done = (progress["fingerprint"] == fingerprint and path.is_file()
+                and path.stat().st_size == record.bytes and sha256_file(path) == record.sha256)
+    except (ValueError, KeyError, OSError):
+        done = False
+    if not done:
+        log.warning("shard %s: unfinished or changed; it will be recomputed", task.name)
+    return done
+
+
+def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | None, scheduler: str | None,
+         progress: bool) -> None:
+    if not tasks:
+        return
+    bar = tqdm(total=len(tasks), desc="shards", unit="shard", disable=not progress)
+    if (cluster or config.generation.cluster) == "inline" and not scheduler:
+        for task in tasks:
+            run_shard(task, job)
+            bar.update()
+        bar.close()
+        return
+    from distributed import as_completed
+
+    from pipeline.cluster import dask_client
+
+    with dask_client(config.generation, cluster, scheduler) as client:
+        keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}" for t in tasks]
+        futures = client.map(run_shard, tasks, job=job, key=keys, retries=config.generation.retries, pure=False)
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        except AdvpipeError:
+            raise
+        except Exception as exc:
+            raise GenerationError(f"a shard task failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            bar.close()
+            with contextlib.suppress(Exception):
+                client.cancel(futures)
+
+
+def _assemble(config: Config, job: JobSpec, tasks: list[ShardTask], sources: dict, model_meta: Any,
+              plans: list[VariantPlan]) -> Manifest:
+    """Build the manifest from the workers' progress records (the client never reads images back)."""
+    store_dir = Path(config.store.path)
+    splits = {}
+    for split, source in sources.items():
+        records, tallies = [], {p.name: [] for p in plans}
+        for task in (t for t in tasks if t.split == split):
+            progress = json.loads(progress_path(store_dir, task).read_text())
+            records.append(ShardRecord.model_validate(progress["record"]))
+            for name in tallies:
+                tallies[name].append(Tally(**progress["tallies"][name]))
+        splits[split] = SplitRecord(count=len(source), source_fingerprint=source.fingerprint, shards=records,
+                                    stats={n: merge_all(t).summary() for n, t in tallies.items()})
+    first = next(iter(sources.values()))
+    height, width, channels = first.image_shape
+    model = None
+    if model_meta is not None:
+        model = {"arch": model_meta.arch, "fingerprint": model_meta.fingerprint,
+                 "checkpoint": str(config.model.checkpoint), "training": model_meta.training}
+    return Manifest(
+        format_version=FORMAT_VERSION, fingerprint=job.fingerprint, backend=config.store.backend,
+        precision=config.store.precision, compression=config.store.compression,
+        image_shape=(channels, height, width), class_names=list(first.class_names), seed=config.seed,
+        source={"kind": config.source.kind, "config": config.source.model_dump(mode="json")},
+        model=model, library_versions=library_versions(),
+        variants=[VariantRecord(name=p.name, generator=p.generator, backend=p.backend, params=p.params,
+                                fingerprint=p.fingerprint) for p in plans],
+        splits=splits, created_by="advpipe generate",
+        generation={"base_fingerprint": job.base_fingerprint, "shard_size": config.store.shard_size,
+                    "batch_size": config.generation.batch_size, "device": job.device},
+    )
+
+
+def _cleanup(store_dir: Path) -> None:
+    """Remove run state once the manifest is published (and stale temp files of killed writers)."""
+    shutil.rmtree(store_dir / PROGRESS_DIR, ignore_errors=True)
+    for name in (MARKER, PREVIOUS):
+        with contextlib.suppress(FileNotFoundError):
+            (store_dir / name).unlink()
+    for stale in store_dir.rglob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()

@@ -1,0 +1,101 @@
+"""What a generation run must do: fingerprints, the shard plan, per-image seeds.
+
+Everything here is a pure function of (config, source fingerprints, model
+fingerprint, library versions), so a shard's bytes depend only on those and its
+shard id, never on the workers that happen to compute it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from advpipe.config import Config
+from advpipe.io import sha256_json
+from advpipe.provenance import library_versions
+from pipeline.generators import generator_class, generator_name, validate_variant
+from stores.store import shard_name
+
+SPLIT_CODES = {"train": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    name: str
+    generator: str
+    backend: str
+    params: dict[str, Any]
+    needs_model: bool
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256_json({"name": self.name, "generator": self.generator, "backend": self.backend,
+                            "params": self.params})
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: a fixed image range of one split; `compute` are the variants to generate now."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+    name: str
+    compute: tuple[str, ...]
+
+
+@dataclass
+class JobSpec:
+    """Everything a worker needs, small enough to send with every task (no images, no weights)."""
+
+    config: dict[str, Any]
+    variants: list[VariantPlan]
+    fingerprint: str
+    base_fingerprint: str
+    model_fingerprint: str | None
+    device: str
+    reuse_existing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "variants": [asdict(v) for v in self.variants]}
+
+
+def variant_plans(config: Config) -> list[VariantPlan]:
+    plans = []
+    for name, variant in config.variants.items():
+        params = validate_variant(name, variant)
+        generator = generator_name(name, variant)
+        plans.append(VariantPlan(name=name, generator=generator, backend=variant.backend,
+                                 params=params.model_dump(mode="json"),
+                                 needs_model=generator_class(generator).needs_model))
+    return plans
+
+
+def base_fingerprint(config: Config, source_fingerprints: dict[str, str], model_fingerprint: str | None) -> str:
+    """What every variant of the store shares: data, model, precision, sharding, seed, library versions."""
+    return sha256_json({
+        "source": source_fingerprints, "model": model_fingerprint, "precision": config.store.precision,
+        "shard_size": config.store.shard_size, "seed": config.seed, "splits": list(config.store.splits),
+        "generation_batch_size": config.generation.batch_size, "libraries": library_versions(),
+    })
+
+
+def store_fingerprint(base: str, variants: list[VariantPlan]) -> str:
+    return sha256_json({"base": base, "variants": [v.fingerprint for v in variants]})
+
+
+def shard_tasks(split: str, count: int, shard_size: int, backend: str, compute: tuple[str, ...]) -> list[ShardTask]:
+    return [ShardTask(split, index, start, min(start + shard_size, count), shard_name(split, index, backend), compute)
+            for index, start in enumerate(range(0, count, shard_size))]
+
+
+def image_seeds(seed: int, split: str, variant: str, ids: np.ndarray) -> np.ndarray:
+    """One 64-bit seed per (run seed, split, variant, image id): independent streams, reproducible anywhere."""
+    tag = zlib.crc32(variant.encode())
+    return np.array([np.random.SeedSequence([seed, SPLIT_CODES.get(split, 0), tag, int(i)]).generate_state(
+        1, np.uint64)[0] for i in ids], dtype=np.uint64)
