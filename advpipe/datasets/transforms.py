@@ -87,10 +87,14 @@ def resize_images(images: np.ndarray, size: int | None) -> np.ndarray:
     return out
 
 
-def frozen(array: np.ndarray, dtype: type) -> np.ndarray:
-    """A C-contiguous, read-only copy-if-needed, so cached splits cannot be changed by callers."""
+def frozen(array: np.ndarray, dtype: type, copy: bool = False) -> np.ndarray:
+    """C-contiguous and read-only, so a cached split cannot be changed by one of its users.
+
+    Views are always copied: freezing one would not stop writes through the array it
+    views, and it would keep that whole array alive (e.g. all of MNIST for a `limit`).
+    """
     array = np.ascontiguousarray(array, dtype=dtype)
-    if array.flags.writeable and array.base is not None:
-        array = array.copy()  # do not freeze (and pin) someone else's buffer
+    if copy or array.base is not None:
+        array = array.copy()
     array.setflags(write=False)
     return array

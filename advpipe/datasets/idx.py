@@ -1,0 +1,98 @@
+"""MNIST and Fashion-MNIST from their IDX files, raw or gzipped, parsed here (no download library).
+
+IDX layout: a big-endian magic 0x0000TTNN (TT = 0x08 for unsigned bytes, NN = the
+number of dimensions), then NN big-endian uint32 sizes, then the bytes row-major.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from advpipe.config import SourceConfig
+from advpipe.datasets.base import Part, RawSource, source_path
+from advpipe.errors import DataError
+
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+}  # fmt: skip
+
+
+def read(config: SourceConfig) -> RawSource:
+    """The predefined train (60k) and test (10k) splits from the four IDX files in source.path."""
+    directory = source_path(config, "dir")
+    parts = {split: _read_pair(directory, *names) for split, names in FILES.items()}
+    return RawSource(class_names=CLASS_NAMES[config.kind], origin=str(directory), **parts)
+
+
+def _read_pair(directory: Path, images_name: str, labels_name: str) -> Part:
+    images_path = find_file(directory, images_name)
+    labels_path = find_file(directory, labels_name)
+    images = parse_idx(read_bytes(images_path), images_path, IMAGES_MAGIC)
+    labels = parse_idx(read_bytes(labels_path), labels_path, LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
+            "labels; both files must come from the same release"
+        )
+    return Part(images[..., None], labels.astype(np.int64), str(labels_path))
+
+
+def find_file(directory: Path, name: str) -> Path:
+    """`name` or `name.gz` in `directory` (the raw file wins if both are there)."""
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"{directory / name}: not found (nor {name}.gz); source.path must hold the four IDX "
+        f"files {', '.join(n for pair in FILES.values() for n in pair)}, raw or .gz"
+    )
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); the file is damaged, download it again") from exc
+
+
+def parse_idx(data: bytes, path: Path, magic: int) -> np.ndarray:
+    """The array an IDX file holds, after checking its magic and that its size matches its header."""
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    what = "images" if magic == IMAGES_MAGIC else "labels"
+    if len(data) >= 4 and (found := int.from_bytes(data[:4], "big")) != magic:
+        hint = " (it looks gzipped: give it a .gz suffix)" if data[:2] == b"\x1f\x8b" else ""
+        raise DataError(
+            f"{path}: IDX magic is 0x{found:08x}, expected 0x{magic:08x} for {what}{hint}; "
+            "is this the right file?"
+        )
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes); download it again")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    size = math.prod(dims)
+    if len(data) != header + size:
+        problem = "truncated" if len(data) < header + size else "longer than its header says"
+        raise DataError(
+            f"{path}: {problem}: {len(data) - header} data bytes, the header {dims} promises "
+            f"{size}; download it again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, count=size, offset=header).reshape(dims)
