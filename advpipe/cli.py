@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[1/3] source model {config.model.checkpoint} is up to date")
     else:
         path, metrics = train_source(config, device=args.device)
-        print(f"[1/3] source model written to {path}: test accuracy {metrics['test_accuracy']:.4f}")
+        print(f"[1/3] source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
     outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
     print(f"[2/3] store {config.store.path}: {outcome.status}")
     report = verify_store(config.store.path)
@@ -167,7 +167,7 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     path, metrics = train_source(config, device=args.device)
-    print(f"source model written to {path}: test accuracy {metrics['test_accuracy']:.4f}")
+    print(f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
     return 0
 
 

@@ -65,6 +65,7 @@ class Outcome:
 def generate(config: Config, *, cluster: str | None = None, scheduler: str | None = None, force: bool = False,
              device: str | None = None, progress: bool = True) -> Outcome:
     """Fill `config.store.path` with every configured variant; see the module docstring."""
+    config = absolute_paths(config)
     store_dir = Path(config.store.path)
     plans = variant_plans(config)
     sources = {split: load_source(config.source, split) for split in config.store.splits}
@@ -98,6 +99,19 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     status = "extended" if previous else "created"
     log.info("%s: store %s (%d shards computed)", store_dir, status, len(pending))
     return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
+
+
+def absolute_paths(config: Config) -> Config:
+    """Workers may run elsewhere (another cwd, another node): send them absolute paths."""
+    def resolve(path: Path | None) -> Path | None:
+        return None if path is None else Path(path).expanduser().resolve()
+
+    return config.model_copy(update={
+        "source": config.source.model_copy(update={"path": resolve(config.source.path)}),
+        "model": config.model.model_copy(update={"checkpoint": resolve(config.model.checkpoint),
+                                                  "weights": resolve(config.model.weights)}),
+        "store": config.store.model_copy(update={"path": resolve(config.store.path)}),
+    })
 
 
 def _model_meta(config: Config, plans: list[VariantPlan], sources: dict) -> Any:

@@ -48,3 +48,50 @@ def hdf5_store(tmp_path: Path) -> tuple[Path, dict[str, SplitArrays]]:
 def wds_store(tmp_path: Path) -> tuple[Path, dict[str, SplitArrays]]:
     path = tmp_path / "store-wds"
     return path, write_test_store(path, backend="webdataset")
+
+
+DIGITS_MODEL_SETTINGS = {"epochs": 6, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}
+
+
+def digits_config(root: Path, *, variants: dict | None = None, limit: int | None = 96, shard_size: int = 32,
+                  checkpoint: Path | None = None, **store) -> dict:
+    """A plain-dict config for generation tests on digits (16x16), writing under `root`."""
+    return {
+        "name": "test", "seed": 0, "device": "cpu",
+        "source": {"kind": "digits", "image_size": 16, "limit": limit},
+        "model": {"arch": "lenet", "checkpoint": str(checkpoint or root / "model.pt")},
+        "train_source": DIGITS_MODEL_SETTINGS,
+        "store": {"path": str(root / "store"), "shard_size": shard_size, **store},
+        "variants": variants if variants is not None else {"gaussian": {"sigma": 0.1}, "fgsm": {"eps": 0.1}},
+        "generation": {"batch_size": 32, "cluster": "inline"},
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory) -> Path:
+    """A LeNet trained on digits 16x16 (all images), shared by the generation tests."""
+    from advpipe.config import config_from_dict
+    from trainers.clean import train_source
+
+    root = tmp_path_factory.mktemp("digits-model")
+    config = config_from_dict(digits_config(root, limit=None))
+    path, metrics = train_source(config, progress=False)
+    assert metrics["test_acc"] > 0.9
+    return path
+
+
+class FlakyGenerator:
+    """A test generator that fails (NaN) on every third image of a batch, like a diverging C&W run."""
+
+    from pipeline.generators.base import GeneratorParams as params_model
+
+    backends = ("art",)
+    needs_model = False
+
+    def __init__(self, params, model, **kwargs) -> None:
+        self.params = params
+
+    def generate(self, x, y, seeds):
+        out = (x + 0.01).clamp(0, 1)
+        out[torch.arange(len(x)) % 3 == 0] = float("nan")
+        return out
