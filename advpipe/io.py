@@ -48,6 +48,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared store private
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -63,6 +64,12 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(target: str | os.PathLike, value: Any) -> None:
     atomic_write_bytes(target, (json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

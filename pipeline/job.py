@@ -82,7 +82,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
         log.info("%s is up to date (fingerprint %s): nothing to do", store_dir, fingerprint[:12])
         return Outcome("up-to-date", finished, 0, 0)
     previous = _previous_for_extension(store_dir, finished, base, plans, config, force)
-    _claim(store_dir, fingerprint, force, previous)
+    previous = _claim(store_dir, fingerprint, force, previous)
 
     job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
                   base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
@@ -185,8 +185,11 @@ def _previous_for_extension(store_dir: Path, finished: Manifest | None, base: st
     return None
 
 
-def _claim(store_dir: Path, fingerprint: str, force: bool, previous: dict | None) -> None:
-    """Mark the directory as being generated with this fingerprint; refuse to mix two runs' shards."""
+def _claim(store_dir: Path, fingerprint: str, force: bool, previous: dict | None) -> dict | None:
+    """Mark the directory as being generated with this fingerprint; refuse to mix two runs' shards.
+
+    Returns the store being extended, or None once --force has discarded it.
+    """
     marker = store_dir / MARKER
     if marker.exists():
         claimed = json.loads(marker.read_text()).get("fingerprint")
@@ -205,6 +208,7 @@ def _claim(store_dir: Path, fingerprint: str, force: bool, previous: dict | None
             _wipe(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"fingerprint": fingerprint, "versions": library_versions()})
+    return previous
 
 
 def _wipe(store_dir: Path) -> None:

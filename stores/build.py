@@ -70,6 +70,7 @@ def build_store(path: str | Path, splits: dict[str, SplitArrays], *, class_names
     """Write a complete store from arrays; returns its manifest."""
     path = Path(path)
     names = _variant_names(splits)
+    compression = compression if backend == "hdf5" else None
     prepare_directory(path, overwrite)
     shape = next(iter(splits.values())).images.shape[1:]
     records = {}
@@ -119,6 +120,7 @@ def convert_store(source: str | Path, target: str | Path, backend: str, compress
     """Rewrite a store with another backend (or compression); the stored values are unchanged."""
     store = Store.open(source)
     target = Path(target)
+    compression = compression if backend == "hdf5" else None
     if target.resolve() == store.path.resolve():
         raise StoreError(f"{target}: conversion target must differ from the source store")
     prepare_directory(target, overwrite)

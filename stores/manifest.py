@@ -79,11 +79,18 @@ class SplitRecord(Strict):
 
 
 class VariantRecord(Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
     generator: str
     backend: str
     params: dict[str, Any]
     fingerprint: str
+
+    @field_validator("name")
+    @classmethod
+    def _not_clean(cls, name: str) -> str:
+        if name == "clean":
+            raise ValueError("'clean' is reserved for the source image (variant id 0)")
+        return name
 
 
 class Manifest(Strict):
@@ -103,6 +110,14 @@ class Manifest(Strict):
     splits: dict[str, SplitRecord]
     created_by: str = ""
     generation: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, variants: list[VariantRecord]) -> list[VariantRecord]:
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names repeat: {names}")
+        return variants
 
     @field_validator("format_version")
     @classmethod
@@ -148,16 +163,21 @@ def read_manifest(store_dir: str | Path) -> Manifest:
             f"{store_dir}: not a finished store (no {MANIFEST_NAME}); it may still be being generated, "
             "or generation was interrupted: re-run `advpipe generate` to complete it"
         )
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(text: str | bytes, origin: str) -> Manifest:
+    """Validate a manifest's JSON text; `origin` (a path or URL) names it in every error."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: manifest is not valid JSON ({exc})") from None
+        raise StoreError(f"{origin}: manifest is not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise StoreError(f"{path}: not an advpipe store manifest (missing \"format\": \"{FORMAT}\")")
+        raise StoreError(f"{origin}: not an advpipe store manifest (missing \"format\": \"{FORMAT}\")")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
         )
-        raise StoreError(f"{path}: manifest fails validation: {problems}") from None
+        raise StoreError(f"{origin}: manifest fails validation: {problems}") from None
