@@ -19,7 +19,7 @@ import torch
 from advpipe.config import Config, config_from_dict
 from advpipe.datasets import load_source
 from advpipe.errors import GenerationError, IntegrityError
-from advpipe.io import atomic_write_json
+from advpipe.io import atomic_write_json, sha256_json
 from pipeline.generators import generator_class
 from pipeline.generators.base import Generator
 from pipeline.plan import JobSpec, ShardTask, VariantPlan, image_seeds
@@ -56,7 +56,9 @@ class WorkerContext:
 
 
 def context(job: JobSpec) -> WorkerContext:
-    if job.fingerprint not in _CONTEXTS:
+    """This process's context for the job, built on its first task (the key covers paths too)."""
+    key = sha256_json({"fingerprint": job.fingerprint, "config": job.config, "device": job.device})
+    if key not in _CONTEXTS:
         from advpipe.models.checkpoint import load_checkpoint
 
         _CONTEXTS.clear()
@@ -70,8 +72,8 @@ def context(job: JobSpec) -> WorkerContext:
                 raise GenerationError(f"{config.model.checkpoint}: model changed since the job started "
                                       "(fingerprint differs); re-run generate")
             model.requires_grad_(False)
-        _CONTEXTS[job.fingerprint] = WorkerContext(config, device, model)
-    return _CONTEXTS[job.fingerprint]
+        _CONTEXTS[key] = WorkerContext(config, device, model)
+    return _CONTEXTS[key]
 
 
 def run_shard(task: ShardTask, job: JobSpec) -> dict:
@@ -80,7 +82,7 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
     config = ctx.config
     source = load_source(config.source, task.split)
     clean = np.ascontiguousarray(source.images[task.start : task.stop].transpose(0, 3, 1, 2))
-    labels = source.labels[task.start : task.stop]
+    labels = np.array(source.labels[task.start : task.stop])  # writable copy for torch
     shard = ShardData(split=task.split, start=task.start, ids=np.arange(task.start, task.stop), labels=labels,
                       clean=clean)
     existing = _existing_shard(config, task, job) if len(task.compute) < len(job.variants) else None

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.generators.base import Generator
 from stores import SplitArrays, build_store
 
 torch.set_num_threads(1)
@@ -80,16 +81,10 @@ def digits_model(tmp_path_factory) -> Path:
     return path
 
 
-class FlakyGenerator:
+class FlakyGenerator(Generator):
     """A test generator that fails (NaN) on every third image of a batch, like a diverging C&W run."""
 
-    from pipeline.generators.base import GeneratorParams as params_model
-
-    backends = ("art",)
     needs_model = False
-
-    def __init__(self, params, model, **kwargs) -> None:
-        self.params = params
 
     def generate(self, x, y, seeds):
         out = (x + 0.01).clamp(0, 1)

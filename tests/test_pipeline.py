@@ -1,0 +1,219 @@
+"""Generation: stores that verify, determinism, resume after kill -9, reuse, real Dask clusters, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import digits_config
+
+from advpipe.config import config_from_dict
+from advpipe.errors import ConfigError, ModelError, StoreError
+from advpipe.models.checkpoint import load_checkpoint
+from pipeline.job import generate
+from stores import open_store, verify_store
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def config_at(root: Path, model: Path, **kwargs):
+    return config_from_dict(digits_config(root, checkpoint=model, **kwargs))
+
+
+def shard_sums(store: Path) -> dict[str, str]:
+    manifest = json.loads((store / "manifest.json").read_text())
+    return {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, digits_model) -> Path:
+    """An uninterrupted inline run: the store every other run must reproduce byte for byte."""
+    root = tmp_path_factory.mktemp("reference")
+    generate(config_at(root, digits_model), progress=False)
+    return root / "store"
+
+
+def test_generated_store_verifies_and_records_statistics(reference_store, digits_model):
+    assert verify_store(reference_store).ok
+    store = open_store(reference_store)
+    manifest = store.manifest
+    assert manifest.variant_names == ["gaussian", "fgsm"]
+    assert manifest.model["fingerprint"] == load_checkpoint(digits_model)[1].fingerprint
+    assert set(manifest.splits) == {"train", "test"} and manifest.splits["train"].count == 96
+    fgsm = manifest.splits["test"].stats["fgsm"]
+    assert 0 < fgsm.success_rate <= 1 and fgsm.failed == 0
+    assert fgsm.max_linf == pytest.approx(0.1, abs=2e-3)
+    assert manifest.splits["train"].stats["gaussian"].mean_l2 > 0
+    # success rate recomputed from what the store returns equals the manifest's figure
+    model, _ = load_checkpoint(digits_model)
+    reader = store.split("test")
+    ids = np.arange(len(reader))
+    with torch.no_grad():
+        clean_pred = model(torch.from_numpy(reader.read(ids, 0))).argmax(1).numpy()
+        adv_pred = model(torch.from_numpy(reader.read(ids, store.variant_id("fgsm")))).argmax(1).numpy()
+    correct = clean_pred == reader.labels
+    assert fgsm.clean_correct == correct.sum()
+    assert fgsm.fooled == (correct & (adv_pred != reader.labels)).sum()
+
+
+def test_same_config_is_up_to_date_and_changed_config_is_refused(tmp_path, digits_model, reference_store):
+    config = config_at(tmp_path, digits_model)
+    assert generate(config, progress=False).status == "created"
+    again = generate(config, progress=False)
+    assert again.status == "up-to-date" and again.computed == 0
+    changed = config_at(tmp_path, digits_model, variants={"gaussian": {"sigma": 0.1}, "fgsm": {"eps": 0.2}})
+    with pytest.raises(StoreError, match="different configuration"):
+        generate(changed, progress=False)
+    assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
+    assert generate(changed, force=True, progress=False).status == "created"
+
+
+def test_adding_a_variant_computes_only_that_variant(tmp_path, digits_model, reference_store):
+    generate(config_at(tmp_path, digits_model, variants={"gaussian": {"sigma": 0.1}}), progress=False)
+    before = open_store(tmp_path / "store").split("train").read(np.arange(96), 1)
+    outcome = generate(config_at(tmp_path, digits_model), progress=False)
+    assert outcome.status == "extended"
+    assert open_store(tmp_path / "store").manifest.variant_names == ["gaussian", "fgsm"]
+    np.testing.assert_array_equal(open_store(tmp_path / "store").split("train").read(np.arange(96), 1), before)
+    assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
+
+
+def test_one_and_two_worker_processes_give_identical_shards(tmp_path, digits_model, reference_store):
+    for workers in (1, 2):
+        generate(config_at(tmp_path / f"w{workers}", digits_model), cluster=f"local:{workers}", progress=False)
+        assert shard_sums(tmp_path / f"w{workers}" / "store") == shard_sums(reference_store)
+
+
+def write_yaml(root: Path, config: dict) -> Path:
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_resume_after_kill_9_of_the_client(tmp_path, digits_model, reference_store):
+    raw = digits_config(tmp_path, checkpoint=digits_model)
+    config_path = write_yaml(tmp_path, raw)
+    client = subprocess.Popen([str(VENV_BIN / "advpipe"), "generate", str(config_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = tmp_path / "store" / ".progress"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(progress.glob("*.json"))) < 2 and client.poll() is None:
+        time.sleep(0.05)
+    assert client.poll() is None, "generation finished before it could be interrupted"
+    os.kill(client.pid, signal.SIGKILL)
+    client.wait()
+    assert not (tmp_path / "store" / "manifest.json").exists()
+    with pytest.raises(StoreError, match="not a finished store"):
+        open_store(tmp_path / "store")
+    outcome = generate(config_from_dict(raw), progress=False)
+    assert 0 < outcome.computed < 6 and outcome.reused >= 2
+    assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
+    assert verify_store(tmp_path / "store").ok
+    assert not (tmp_path / "store" / ".progress").exists()
+
+
+def test_real_scheduler_and_two_worker_processes(tmp_path, digits_model, reference_store):
+    """`dask scheduler` and two `dask worker` processes on 127.0.0.1, as on a cluster."""
+    scheduler_file = tmp_path / "scheduler.json"
+    dask = str(VENV_BIN / "dask")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", str(scheduler_file)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for name in ("w1", "w2"):
+            processes.append(subprocess.Popen(
+                [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name,
+                 "--local-directory", str(tmp_path / name)], env=env, cwd=tmp_path,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        outcome = generate(config_at(tmp_path, digits_model), scheduler=address, progress=False)
+        assert outcome.computed == 6
+        assert verify_store(tmp_path / "store").ok
+        assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_slurm_job_script(tmp_path):
+    from advpipe.config import SlurmConfig
+    from pipeline.cluster import slurm_cluster
+
+    slurm = SlurmConfig(queue="gpu", account="advlab", cores=8, processes=4, memory="32GB", walltime="04:00:00",
+                        job_extra_directives=["--gres=gpu:1"], job_script_prologue=["module load cuda"])
+    with slurm_cluster(slurm) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -p gpu" in script and "#SBATCH -A advlab" in script
+    assert "#SBATCH -t 04:00:00" in script and "#SBATCH --gres=gpu:1" in script
+    assert "module load cuda" in script
+    assert "--nworkers 4" in script and "--nthreads 2" in script
+
+
+@pytest.mark.parametrize("variants,message", [
+    ({"fgsm": {"eps": -0.1}}, "eps"),
+    ({"fgsm": {"eps": 5.0}}, "eps"),
+    ({"fgsm": {"epz": 0.1}}, "unknown parameter 'epz'"),
+    ({"pgd": {"eps": 0.1}}, "unknown generator 'pgd'"),
+    ({"fgsm": {"backend": "native"}}, "backend 'native'"),
+])
+def test_bad_variant_configs_are_refused(tmp_path, variants, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(digits_config(tmp_path, variants=variants))
+
+
+def test_model_that_does_not_fit_the_data_is_refused(tmp_path, digits_model):
+    raw = digits_config(tmp_path, checkpoint=digits_model)
+    raw["source"]["image_size"] = 12
+    with pytest.raises(ModelError, match="shape"):
+        generate(config_from_dict(raw), progress=False)
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(Exception, match="train-source"):
+        generate(config_from_dict(digits_config(tmp_path)), progress=False)
+
+
+def test_unwritable_store_directory(tmp_path, digits_model):
+    """A store path that cannot be created (here: under a regular file, which stops root too)."""
+    (tmp_path / "file").write_text("not a directory")
+    raw = digits_config(tmp_path, checkpoint=digits_model)
+    raw["store"]["path"] = str(tmp_path / "file" / "store")
+    with pytest.raises(StoreError, match="cannot write the store here"):
+        generate(config_from_dict(raw), progress=False)
+
+
+def test_generator_nan_is_recorded_as_failure_not_stored(tmp_path, digits_model, monkeypatch):
+    from pipeline.generators import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "flaky", "conftest:FlakyGenerator")
+    outcome = generate(config_at(tmp_path, digits_model, variants={"flaky": {}}), progress=False)
+    stats = outcome.manifest.splits["train"].stats["flaky"]
+    expected = [shard * 32 + row for shard in range(3) for row in range(0, 32, 3)]  # batches of 32
+    assert stats.failed == len(expected)
+    store = open_store(tmp_path / "store")
+    assert np.flatnonzero(store.split("train").failed()[:, 1]).tolist() == expected
+    assert np.isfinite(store.split("train").read(np.arange(96), 1)).all()
+    assert verify_store(tmp_path / "store").ok
