@@ -61,7 +61,7 @@ def digits_config(root: Path, *, variants: dict | None = None, limit: int | None
         "name": "test", "seed": 0, "device": "cpu",
         "source": {"kind": "digits", "image_size": 16, "limit": limit},
         "model": {"arch": "lenet", "checkpoint": str(checkpoint or root / "model.pt")},
-        "train_source": DIGITS_MODEL_SETTINGS,
+        "train_source": dict(DIGITS_MODEL_SETTINGS),
         "store": {"path": str(root / "store"), "shard_size": shard_size, **store},
         "variants": variants if variants is not None else {"gaussian": {"sigma": 0.1}, "fgsm": {"eps": 0.1}},
         "generation": {"batch_size": 32, "cluster": "inline"},

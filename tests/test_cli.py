@@ -1,0 +1,87 @@
+"""The command line as a person uses it: help, exit codes, messages naming the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import digits_config, write_test_store
+from PIL import Image
+
+from advpipe.cli import COMMANDS, main
+
+ADVPIPE = str(Path(sys.executable).parent / "advpipe")
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([ADVPIPE, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_help_explains_every_command():
+    result = run("--help")
+    assert result.returncode == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+        sub = run(name, "--help")
+        assert sub.returncode == 0 and "usage: advpipe " + name in sub.stdout
+
+
+def test_inspect_prints_a_card_and_draws_a_grid(tmp_path, capsys):
+    write_test_store(tmp_path / "store")
+    assert main(["inspect", str(tmp_path / "store"), "--grid", str(tmp_path / "grid.png"), "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "precision float16" in out and "noise" in out and "tiny" in out and "train=70" in out
+    with Image.open(tmp_path / "grid.png") as picture:
+        assert picture.size[0] > picture.size[1] > 100
+
+
+def test_verify_exit_codes_name_the_bad_shard(tmp_path):
+    write_test_store(tmp_path / "store")
+    assert run("verify", str(tmp_path / "store")).returncode == 0
+    shard = tmp_path / "store" / "test" / "test-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    result = run("verify", str(tmp_path / "store"))
+    assert result.returncode == 3 and "test-00001.h5" in result.stderr
+
+
+def test_convert_then_verify(tmp_path):
+    write_test_store(tmp_path / "store")
+    assert main(["convert", str(tmp_path / "store"), str(tmp_path / "wds"), "--to", "webdataset"]) == 0
+    assert main(["verify", str(tmp_path / "wds")]) == 0
+    assert main(["convert", str(tmp_path / "store"), str(tmp_path / "wds"), "--to", "webdataset"]) == 2
+
+
+def test_config_typo_names_the_key_and_file(tmp_path):
+    raw = digits_config(tmp_path)
+    raw["train_source"]["epohcs"] = 3
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = run("train-source", str(path))
+    assert result.returncode == 2
+    assert "train_source.epohcs" in result.stderr and "typo.yaml" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["inspect", "/nonexistent/store"], "no such store directory"),
+    (["generate", "/nonexistent/config.yaml"], "config file not found"),
+    (["train-source", "{config}", "--device", "cuda:7"], "cuda"),
+])
+def test_bad_arguments_fail_cleanly(tmp_path, args, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(digits_config(tmp_path), sort_keys=False))
+    result = run(*[a.format(config=config) for a in args])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_source_from_the_command_line(tmp_path):
+    raw = digits_config(tmp_path, limit=None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = run("train-source", str(path))
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.rsplit("test accuracy", 1)[1])
+    assert accuracy > 0.9 and (tmp_path / "model.pt").is_file()
