@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Verify a store; exits 3 and names each bad shard if any.")
     verify.add_argument("store", type=Path)
 
+    sample = sub.add_parser("sample", help="Show what the sampler would yield under a policy.",
+                            description="Run the sampler's policy over a store without training: expected vs "
+                                        "realised variant frequencies, per-batch adversarial fractions.")
+    sample.add_argument("store", type=Path)
+    sample.add_argument("--config", type=Path, required=True, help="YAML config whose `sampler` section is used")
+    sample.add_argument("--split", default="train")
+    sample.add_argument("--batches", type=int, default=20, help="batches to draw (default: 20)")
+    sample.add_argument("--grid", type=Path, default=None, help="also draw the first batch into this PNG")
+
     convert = sub.add_parser("convert", help="Rewrite a store with another backend.",
                              description="Rewrite a store with another backend; stored values are unchanged.")
     convert.add_argument("source", type=Path)
@@ -104,6 +113,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{args.store}: {len(report.problems)} problem(s) in {report.shards} shards", file=sys.stderr)
         return 3
     print(f"{args.store}: OK, {report.shards} shards, {report.samples} samples verified")
+    return 0
+
+
+@command("sample")
+def cmd_sample(args: argparse.Namespace) -> int:
+    from advpipe.config import load_config
+    from advpipe.sampler.report import describe_policy, sample_grid
+
+    config = load_config(args.config)
+    print(describe_policy(args.store, args.split, config.sampler, args.batches))
+    if args.grid:
+        print(f"\ngrid written to {sample_grid(args.store, args.split, config.sampler, args.grid)}")
     return 0
 
 

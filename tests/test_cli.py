@@ -85,3 +85,18 @@ def test_train_source_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     accuracy = float(result.stdout.rsplit("test accuracy", 1)[1])
     assert accuracy > 0.9 and (tmp_path / "model.pt").is_file()
+
+
+def test_sample_shows_the_policy(tmp_path):
+    write_test_store(tmp_path / "store")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"sampler": {"ratio": [0.4, 0.6], "weights": {"noise": 1, "tiny": [1, 3]},
+                                                  "batch_size": 16, "redraw": "batch"}}))
+    result = run("sample", str(tmp_path / "store"), "--config", str(config), "--batches", "8",
+                 "--grid", str(tmp_path / "g.png"))
+    assert result.returncode == 0, result.stderr
+    assert "noise" in result.stdout and "tiny" in result.stdout and "clean" in result.stdout
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    config.write_text(yaml.safe_dump({"sampler": {"weights": {"fgsm": 1}}}))
+    result = run("sample", str(tmp_path / "store"), "--config", str(config))
+    assert result.returncode == 2 and "fgsm" in result.stderr

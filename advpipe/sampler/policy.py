@@ -93,13 +93,18 @@ class Policy:
         ratio = self.ratio.lo + (self.ratio.hi - self.ratio.lo) * uniforms(self.seed, epoch, code, points, 0)
         if not self.names:
             return ratio, np.zeros((len(points), 0))
-        streams = np.arange(1, len(self.names) + 1)
-        u = uniforms(self.seed, epoch, code, points[:, None], streams[None, :])
-        low, high = self._window()
-        weights = self._lo + (self._hi - self._lo) * (low + (high - low) * u)
+        weights = self.raw_weights(epoch, points)
         fallback = (self._hi > 0).astype(np.float64)
         weights = np.where(weights.sum(axis=1, keepdims=True) > 0, weights, fallback)
         return ratio, weights / weights.sum(axis=1, keepdims=True)
+
+    def raw_weights(self, epoch: int, points: np.ndarray | int = 0) -> np.ndarray:
+        """Unnormalised weights per point x variant, each inside its [lo_k, hi_k] (adaptive or not)."""
+        points = np.atleast_1d(np.asarray(points, dtype=np.int64))
+        streams = np.arange(1, len(self.names) + 1)
+        u = uniforms(self.seed, epoch, POINT_CODES[self.redraw], points[:, None], streams[None, :])
+        low, high = self._window()
+        return self._lo + (self._hi - self._lo) * (low + (high - low) * u)
 
     def _window(self) -> tuple[np.ndarray, np.ndarray]:
         """The part of each range (as fractions of it) that draws come from: all of it unless adaptive."""
