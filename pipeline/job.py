@@ -32,6 +32,7 @@ from advpipe.config import Config
 from advpipe.datasets import load_source
 from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError, GenerationError, StoreError
+from advpipe.faults import fault_point
 from advpipe.io import atomic_write_json, sha256_file
 from advpipe.provenance import library_versions
 from pipeline.plan import (
@@ -68,7 +69,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     config = absolute_paths(config)
     store_dir = Path(config.store.path)
     plans = variant_plans(config)
-    sources = {split: load_source(config.source, split) for split in config.store.splits}
+    sources = {split: _read_source(config, split) for split in config.store.splits}
     model_meta = _model_meta(config, plans, sources)
     source_fps = {split: s.fingerprint for split, s in sources.items()}
     base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
@@ -95,6 +96,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
 
     manifest = _assemble(config, job, tasks, sources, model_meta, plans)
     write_manifest(store_dir, manifest)
+    fault_point("after-manifest")
     _cleanup(store_dir)
     status = "extended" if previous else "created"
     log.info("%s: store %s (%d shards computed)", store_dir, status, len(pending))
@@ -112,6 +114,12 @@ def absolute_paths(config: Config) -> Config:
                                                   "weights": resolve(config.model.weights)}),
         "store": config.store.model_copy(update={"path": resolve(config.store.path)}),
     })
+
+
+def _read_source(config: Config, split: str):
+    source = load_source(config.source, split)
+    fault_point("source-read")
+    return source
 
 
 def _model_meta(config: Config, plans: list[VariantPlan], sources: dict) -> Any:
@@ -257,6 +265,7 @@ def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | No
         for task in tasks:
             run_shard(task, job)
             bar.update()
+            fault_point("between-shards")
         bar.close()
         return
     from distributed import as_completed

@@ -19,6 +19,7 @@ import torch
 from advpipe.config import Config, config_from_dict
 from advpipe.datasets import load_source
 from advpipe.errors import GenerationError, IntegrityError
+from advpipe.faults import fault_point
 from advpipe.io import atomic_write_json, sha256_json
 from pipeline.generators import generator_class
 from pipeline.generators.base import Generator
@@ -102,6 +103,7 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
         tallies[plan.name] = Tally.measure(clean_float, decoded, failed, error, clean_pred,
                                            _predict(ctx, decoded), labels)
     shard.__post_init__()
+    fault_point("mid-shard")
     record = write_shard(Path(config.store.path), task.name, shard, config.store.backend, config.store.compression)
     progress = {"fingerprint": job.fingerprint, "record": record.model_dump(),
                 "tallies": {name: tally.to_dict() for name, tally in tallies.items()}}

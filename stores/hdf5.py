@@ -8,6 +8,7 @@ chunked by samples and read whole chunks at a time through a small cache.
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,11 +22,23 @@ CHUNK_SAMPLES = 64
 
 
 def write_shard(path: Path, shard: ShardData, compression: str | None) -> None:
-    """Write one shard file at `path` (the caller makes it atomic)."""
+    """Write one shard file at `path` (the caller makes it atomic).
+
+    The file is built in memory and written with plain file I/O: the HDF5 library
+    crashes the process when it hits a full disk while closing a file, whereas a
+    plain write raises ENOSPC, which the caller turns into a clear error.
+    """
+    buffer = io.BytesIO()
+    _build(buffer, shard, compression)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
+
+
+def _build(target: io.BytesIO, shard: ShardData, compression: str | None) -> None:
     options = {"track_times": False}
     if compression:
         options.update(compression=compression, shuffle=True)
-    with h5py.File(path, "w", libver="v108", track_order=True) as handle:
+    with h5py.File(target, "w", libver="v108", track_order=True) as handle:
         handle.attrs["format"] = "advpipe-shard"
         handle.attrs["split"] = shard.split
         handle.attrs["start"] = shard.start

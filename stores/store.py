@@ -8,7 +8,9 @@ either a finished store or none.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -16,7 +18,8 @@ from typing import Literal
 import numpy as np
 
 from advpipe.errors import IntegrityError, StoreError
-from advpipe.io import atomic_path, atomic_write_json, sha256_file
+from advpipe.faults import fault_point
+from advpipe.io import atomic_path, sha256_file
 from stores import codec, hdf5, wds
 from stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest
 from stores.shard import ShardData
@@ -36,18 +39,26 @@ def write_shard(store_dir: Path, name: str, shard: ShardData, backend: str,
                 compression: str | None = None) -> ShardRecord:
     """Write one shard atomically and return its manifest record."""
     target = Path(store_dir) / name
-    with atomic_path(target) as tmp:
-        if backend == "hdf5":
-            hdf5.write_shard(tmp, shard, compression)
-        else:
-            wds.write_shard(tmp, shard)
+    try:
+        with atomic_path(target) as tmp:
+            if backend == "hdf5":
+                hdf5.write_shard(tmp, shard, compression)
+            else:
+                wds.write_shard(tmp, shard)
+    except OSError as exc:
+        free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
+        raise StoreError(f"shard {name}: could not be written to {store_dir} ({exc}); {free} bytes free on that "
+                         "file system: free space (or choose another store.path) and re-run to resume") from None
     return ShardRecord(name=name, start=shard.start, stop=shard.stop, bytes=target.stat().st_size,
                        sha256=sha256_file(target))
 
 
 def write_manifest(store_dir: Path, manifest: Manifest) -> None:
     """Publish a store: the manifest is the last file written."""
-    atomic_write_json(Path(store_dir) / MANIFEST_NAME, manifest.model_dump(mode="json"))
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with atomic_path(Path(store_dir) / MANIFEST_NAME) as tmp:
+        tmp.write_text(text)
+        fault_point("manifest-write")
 
 
 class Store:

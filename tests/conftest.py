@@ -90,3 +90,26 @@ class FlakyGenerator(Generator):
         out = (x + 0.01).clamp(0, 1)
         out[torch.arange(len(x)) % 3 == 0] = float("nan")
         return out
+
+
+def config_at(root: Path, model: Path, **kwargs):
+    from advpipe.config import config_from_dict
+
+    return config_from_dict(digits_config(root, checkpoint=model, **kwargs))
+
+
+def shard_sums(store: Path) -> dict[str, str]:
+    import json
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    return {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+
+
+@pytest.fixture(scope="session")
+def reference_store(tmp_path_factory, digits_model) -> Path:
+    """An uninterrupted inline run: the store every other run of the same config must reproduce byte for byte."""
+    from pipeline.job import generate
+
+    root = tmp_path_factory.mktemp("reference")
+    generate(config_at(root, digits_model), progress=False)
+    return root / "store"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import digits_config
+from conftest import config_at, digits_config, shard_sums
 
 from advpipe.config import config_from_dict
 from advpipe.errors import ConfigError, ModelError, StoreError
@@ -23,23 +23,6 @@ from pipeline.job import generate
 from stores import open_store, verify_store
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def config_at(root: Path, model: Path, **kwargs):
-    return config_from_dict(digits_config(root, checkpoint=model, **kwargs))
-
-
-def shard_sums(store: Path) -> dict[str, str]:
-    manifest = json.loads((store / "manifest.json").read_text())
-    return {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
-
-
-@pytest.fixture(scope="module")
-def reference_store(tmp_path_factory, digits_model) -> Path:
-    """An uninterrupted inline run: the store every other run must reproduce byte for byte."""
-    root = tmp_path_factory.mktemp("reference")
-    generate(config_at(root, digits_model), progress=False)
-    return root / "store"
 
 
 def test_generated_store_verifies_and_records_statistics(reference_store, digits_model):

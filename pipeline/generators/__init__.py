@@ -41,7 +41,8 @@ def generator_name(variant_name: str, variant: VariantConfig) -> str:
 
 
 def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorParams:
-    """Check a variant's generator, backend and parameters; return the typed parameters."""
+    """Check a variant's generator, backend and parameters; return the typed parameters
+    (backend-dependent defaults filled in)."""
     from pydantic import ValidationError
 
     cls = generator_class(generator_name(variant_name, variant))
@@ -51,7 +52,7 @@ def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorPara
             f"'{generator_name(variant_name, variant)}' (choose one of: {', '.join(cls.backends)})"
         )
     try:
-        return cls.params_model.model_validate(variant.params())
+        params = cls.params_model.model_validate(variant.params())
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -62,3 +63,7 @@ def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorPara
                 problems.append(f"parameter '{key}': {error['msg'].removeprefix('Value error, ')}"
                                 f" (got {error['input']!r})")
         raise ConfigError("; ".join(problems)) from None
+    try:
+        return cls.resolve_params(params, variant.backend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

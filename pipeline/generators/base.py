@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from advpipe.errors import ConfigError
+
 
 class GeneratorParams(BaseModel):
     """Parameters of one generator; unknown keys are errors."""
@@ -37,19 +39,33 @@ class Generator(ABC):
 
     def __init__(self, params: GeneratorParams, model: nn.Module, *, backend: str = "art",
                  device: torch.device | str = "cpu", batch_size: int = 128) -> None:
-        self.params = params
+        try:
+            self.params = self.resolve_params(params, backend)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.model = model
         self.backend = backend
         self.device = torch.device(device)
         self.batch_size = batch_size
+
+    @classmethod
+    def resolve_params(cls, params: GeneratorParams, backend: str) -> GeneratorParams:
+        """Fill backend-dependent defaults (fields left None) and reject values `backend` cannot honour.
+
+        Raises ValueError with a readable message; `validate_variant` turns it into a ConfigError.
+        """
+        return params
 
     @abstractmethod
     def generate(self, x: torch.Tensor, y: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """Return the perturbed batch: same shape as `x`, float32 in [0, 1].
 
         `x` is (N, C, H, W) float32 in [0, 1] on `self.device`, `y` int64 labels,
-        `seeds` one uint64 per image. Per-image failures may be returned as NaN
-        rows; the pipeline records them and never stores the NaN.
+        `seeds` one uint64 per image. Per-image failures (a non-finite result, e.g. a
+        diverged optimisation) are returned as all-NaN rows; the pipeline records them
+        and never stores the NaN. An attack that merely fails to fool the model is not
+        a failure: it returns its best attempt (C&W: the clean image, as ART does), and
+        the success rate recorded in the manifest shows it.
         """
 
     def describe(self) -> dict[str, Any]:
