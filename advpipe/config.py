@@ -71,7 +71,7 @@ class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     generator: str | None = None
-    backend: Literal["art", "native"] = "art"
+    backend: Literal["art", "native"] | None = None  # None: the generator's default (its first backend)
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -16,7 +16,7 @@ import numpy as np
 from advpipe.config import Config
 from advpipe.io import sha256_json
 from advpipe.provenance import library_versions
-from pipeline.generators import generator_class, generator_name, validate_variant
+from pipeline.generators import generator_class, generator_name, validate_variant, variant_backend
 from stores.store import shard_name
 
 SPLIT_CODES = {"train": 1, "test": 2}
@@ -70,7 +70,7 @@ def variant_plans(config: Config) -> list[VariantPlan]:
     for name, variant in config.variants.items():
         params = validate_variant(name, variant)
         generator = generator_name(name, variant)
-        plans.append(VariantPlan(name=name, generator=generator, backend=variant.backend,
+        plans.append(VariantPlan(name=name, generator=generator, backend=variant_backend(name, variant),
                                  params=params.model_dump(mode="json"),
                                  needs_model=generator_class(generator).needs_model))
     return plans

@@ -21,7 +21,7 @@ from torch import nn
 
 from advpipe.config import VariantConfig, config_from_dict
 from advpipe.errors import ConfigError
-from pipeline.generators import REGISTRY, generator_class, validate_variant
+from pipeline.generators import REGISTRY, generator_class, validate_variant, variant_backend
 from pipeline.generators.base import Generator
 from pipeline.generators.common import finalize
 from pipeline.generators.style import choose_styles
@@ -97,11 +97,12 @@ def batch(digits: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
     return x[-N:].clone(), y[-N:].clone(), seeds
 
 
-def make(name: str, model: nn.Module | None, backend: str = "art", **params: object) -> Generator:
+def make(name: str, model: nn.Module | None, backend: str | None = None, **params: object) -> Generator:
     """Build a generator exactly as the pipeline does: validate the variant, then construct."""
     variant = VariantConfig(generator=name, backend=backend, **params)
     cls = generator_class(name)
-    return cls(validate_variant(name, variant), model if cls.needs_model else None, backend=backend)
+    return cls(validate_variant(name, variant), model if cls.needs_model else None,
+               backend=variant_backend(name, variant))
 
 
 def fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ def l2(delta: torch.Tensor) -> torch.Tensor:
 
 # Every generator and backend, with cheap parameters.
 FAST = [
-    ("gaussian", "art", {}),
+    ("gaussian", "native", {}),
     ("fgsm", "art", {}),
     ("bim", "art", {}),
     ("deepfool", "art", {"max_iter": 10}),
@@ -123,8 +124,8 @@ FAST = [
     ("cw", "art", {"max_iter": 5}),
     ("cw", "native", {"max_iter": 5}),
     ("cw", "art", {"norm": "linf", "max_iter": 5, "largest_const": 2.0}),
-    ("style", "art", {"steps": 3}),
-    ("b1", "art", {}),
+    ("style", "native", {"steps": 3}),
+    ("b1", "native", {}),
     ("b2", "native", {}),
 ]
 FAST_IDS = [f"{name}-{backend}-{'-'.join(map(str, p.values()))}" for name, backend, p in FAST]
@@ -163,8 +164,8 @@ def test_random_variants_follow_the_seeds(batch, name) -> None:
 
 @pytest.mark.parametrize(
     ("name", "backend", "exact"),
-    [("gaussian", "art", True), ("fgsm", "art", True), ("bim", "art", True), ("b1", "art", True),
-     ("b2", "art", True), ("deepfool", "native", False), ("cw", "native", False)],
+    [("gaussian", "native", True), ("fgsm", "art", True), ("bim", "art", True), ("b1", "native", True),
+     ("b2", "native", True), ("deepfool", "native", False), ("cw", "native", False)],
 )
 def test_output_does_not_depend_on_the_batch(model, batch, name, backend, exact) -> None:
     x, y, seeds = batch
@@ -339,7 +340,7 @@ def test_unknown_backend_is_a_config_error() -> None:
 
 
 def test_defaults_match_methods() -> None:
-    def params(name: str, backend: str = "art") -> dict:
+    def params(name: str, backend: str | None = None) -> dict:
         return validate_variant(name, VariantConfig(generator=name, backend=backend)).model_dump()
 
     assert params("gaussian")["sigma"] == 0.1

@@ -40,15 +40,21 @@ def generator_name(variant_name: str, variant: VariantConfig) -> str:
     return variant.generator or variant_name
 
 
+def variant_backend(variant_name: str, variant: VariantConfig) -> str:
+    """The backend a variant runs on: explicit `backend:`, else its generator's default (first listed)."""
+    return variant.backend or generator_class(generator_name(variant_name, variant)).backends[0]
+
+
 def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorParams:
     """Check a variant's generator, backend and parameters; return the typed parameters
     (backend-dependent defaults filled in)."""
     from pydantic import ValidationError
 
     cls = generator_class(generator_name(variant_name, variant))
-    if variant.backend not in cls.backends:
+    backend = variant_backend(variant_name, variant)
+    if backend not in cls.backends:
         raise ConfigError(
-            f"backend '{variant.backend}' is not offered by generator "
+            f"backend '{backend}' is not offered by generator "
             f"'{generator_name(variant_name, variant)}' (choose one of: {', '.join(cls.backends)})"
         )
     try:
@@ -64,6 +70,6 @@ def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorPara
                                 f" (got {error['input']!r})")
         raise ConfigError("; ".join(problems)) from None
     try:
-        return cls.resolve_params(params, variant.backend)
+        return cls.resolve_params(params, backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from advpipe.errors import GenerationError
 from pipeline.generators.art_support import art_classifier, run_art_attack
 from pipeline.generators.base import Generator, GeneratorParams
 from pipeline.generators.common import finalize, gradients_on
@@ -38,13 +40,14 @@ class AttackGenerator(Generator):
         if backend == "art":
             self._art_attack = self.build_art_attack(art_classifier(self.model, self.device))
 
+    @abstractmethod
     def build_art_attack(self, classifier: PyTorchClassifier) -> EvasionAttack:
         """The configured ART attack (verbose off, batch size = the generator's)."""
-        raise NotImplementedError
 
     def run_native(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The native implementation, with autograd enabled and the model's weights frozen."""
-        raise NotImplementedError(f"{type(self).__name__} has no native backend")
+        raise GenerationError(f"{type(self).__name__} has no native backend (config validation should have "
+                              "refused this variant)")
 
     def generate(self, x: torch.Tensor, y: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         with gradients_on(self.model):

@@ -27,7 +27,7 @@ class GaussianGenerator(Generator):
     """
 
     params_model: ClassVar[type[GeneratorParams]] = GaussianParams
-    backends: ClassVar[tuple[str, ...]] = ("art", "native")
+    backends: ClassVar[tuple[str, ...]] = ("native",)  # plain PyTorch
     needs_model: ClassVar[bool] = False
     params: GaussianParams
 

@@ -85,7 +85,7 @@ class ShiftGenerator(Generator):
     backend defaults to `art`.
     """
 
-    backends: ClassVar[tuple[str, ...]] = ("art", "native")
+    backends: ClassVar[tuple[str, ...]] = ("native",)  # plain PyTorch
     needs_model: ClassVar[bool] = False
     name: ClassVar[str] = "shift"
     params: ShiftParams

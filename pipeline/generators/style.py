@@ -138,7 +138,7 @@ class StyleTransferGenerator(Generator):
     """Style transfer from another class's image; see the module docstring."""
 
     params_model: ClassVar[type[GeneratorParams]] = StyleParams
-    backends: ClassVar[tuple[str, ...]] = ("art", "native")  # one implementation, both names
+    backends: ClassVar[tuple[str, ...]] = ("native",)  # plain PyTorch
     needs_model: ClassVar[bool] = True
     params: StyleParams
 
