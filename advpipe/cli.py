@@ -104,15 +104,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("verify")
 def cmd_verify(args: argparse.Namespace) -> int:
+    from stores.manifest import MANIFEST_NAME, read_manifest
+
+    if not (args.store / MANIFEST_NAME).is_file():
+        read_manifest(args.store)  # raises: no directory or an unfinished store is bad input (2), not corruption (3)
+    return _verify(args.store)
+
+
+def _verify(store: Path) -> int:
+    """Print the verification result; 0 when the store is sound, 3 (naming each bad shard) when not."""
     from stores import verify_store
 
-    report = verify_store(args.store, progress=sys.stderr.isatty())
+    report = verify_store(store, progress=sys.stderr.isatty())
     for problem in report.problems:
         print(f"FAIL {problem}", file=sys.stderr)
     if not report.ok:
-        print(f"{args.store}: {len(report.problems)} problem(s) in {report.shards} shards", file=sys.stderr)
+        print(f"{store}: {len(report.problems)} problem(s) in {report.shards} shards", file=sys.stderr)
         return 3
-    print(f"{args.store}: OK, {report.shards} shards, {report.samples} samples verified")
+    print(f"{store}: OK, {report.shards} shards, {report.samples} samples verified")
     return 0
 
 
@@ -140,15 +149,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @command("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     from advpipe.config import load_config
-    from pipeline.job import generate
     from stores.inspect import card
 
     config = load_config(args.config)
-    outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
-    if outcome.status == "up-to-date":
-        print(f"{config.store.path} is up to date with {args.config}: nothing to do")
-    else:
-        print(f"store {outcome.status}: {outcome.computed} shard(s) computed, {outcome.reused} reused")
+    outcome = _generate(args, config)
     print(card(outcome.manifest, Path(config.store.path)))
     return 0
 
@@ -157,38 +161,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job; each step is skipped when its output is already up to date."""
     from advpipe.config import load_config
-    from pipeline.job import generate
-    from stores import verify_store
-    from trainers.clean import source_model_is_current, train_source
+    from stores.inspect import card
+    from trainers.clean import source_model_is_current
 
     config = load_config(args.config)
     if source_model_is_current(config):
         print(f"[1/3] source model {config.model.checkpoint} is up to date")
     else:
-        path, metrics = train_source(config, device=args.device)
-        print(f"[1/3] source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
-    outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
-    print(f"[2/3] store {config.store.path}: {outcome.status}")
-    report = verify_store(config.store.path)
-    if not report.ok:
-        for problem in report.problems:
-            print(f"FAIL {problem}", file=sys.stderr)
-        return 3
-    print(f"[3/3] verified {report.shards} shards, {report.samples} samples\n")
-    from stores.inspect import card
+        print("[1/3] ", end="")
+        _train_source(args, config)
+    print("[2/3] ", end="")
+    outcome = _generate(args, config)
+    print("[3/3] ", end="")
+    status = _verify(Path(config.store.path))
+    if status == 0:
+        print("\n" + card(outcome.manifest, Path(config.store.path)))
+    return status
 
-    print(card(outcome.manifest, Path(config.store.path)))
-    return 0
+
+def _generate(args: argparse.Namespace, config):
+    from pipeline.job import generate
+
+    outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
+    if outcome.status == "up-to-date":
+        print(f"store {config.store.path} is up to date with {args.config}: nothing to do")
+    else:
+        print(f"store {config.store.path} {outcome.status}: {outcome.computed} shard(s) computed, "
+              f"{outcome.reused} reused")
+    return outcome
+
+
+def _train_source(args: argparse.Namespace, config) -> None:
+    from trainers.clean import train_source
+
+    path, metrics = train_source(config, device=args.device)
+    print(f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
 
 
 @command("train-source")
 def cmd_train_source(args: argparse.Namespace) -> int:
     from advpipe.config import load_config
-    from trainers.clean import train_source
 
-    config = load_config(args.config)
-    path, metrics = train_source(config, device=args.device)
-    print(f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
+    _train_source(args, load_config(args.config))
     return 0
 
 

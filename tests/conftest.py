@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -113,3 +114,41 @@ def reference_store(tmp_path_factory, digits_model) -> Path:
     root = tmp_path_factory.mktemp("reference")
     generate(config_at(root, digits_model), progress=False)
     return root / "store"
+
+
+@contextlib.contextmanager
+def dask_processes(root: Path, workers: int = 2):
+    """`dask scheduler` and `dask worker` processes on 127.0.0.1, as on a cluster; yields (address, workers)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    dask = str(Path(sys.executable).parent / "dask")
+    scheduler_file = root / "scheduler.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", str(scheduler_file)], **quiet)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for index in range(workers):
+            processes.append(subprocess.Popen(
+                [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w{index}",
+                 "--local-directory", str(root / f"w{index}")], cwd=root, **quiet))
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(workers, timeout=60)
+        yield address, processes[1:]
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

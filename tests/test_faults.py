@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from conftest import config_at, digits_config, shard_sums, write_test_store
+from conftest import config_at, dask_processes, digits_config, shard_sums, write_test_store
 
 from advpipe.config import SamplerConfig, config_from_dict
 from advpipe.errors import IntegrityError, StoreError
@@ -58,25 +58,7 @@ def test_kill_9_of_the_client_then_resume(tmp_path, digits_model, reference_stor
 
 def test_kill_9_of_one_dask_worker_during_generation(tmp_path, digits_model):
     """Two real workers under a real scheduler; one worker process is SIGKILLed mid-run."""
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                   "--no-dashboard", "--scheduler-file", str(scheduler_file)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for name in ("a", "b"):
-            processes.append(subprocess.Popen(
-                [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name,
-                 "--local-directory", str(tmp_path / name)], env=env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
-        from distributed import Client
-
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
+    with dask_processes(tmp_path, workers=2) as (address, workers):
         slow = {"gaussian": {"sigma": 0.1}, "deepfool": {"max_iter": 50}}
         config = config_at(tmp_path, digits_model, variants=slow, shard_size=16)
         result: dict = {}
@@ -87,20 +69,12 @@ def test_kill_9_of_one_dask_worker_during_generation(tmp_path, digits_model):
         while runner.is_alive() and not list(progress.glob("*.json")):
             time.sleep(0.05)
         assert runner.is_alive(), "generation finished before a worker could be killed"
-        victim = psutil.Process(processes[1].pid).children(recursive=True)[0]
+        victim = psutil.Process(workers[0].pid).children(recursive=True)[0]
         victim.send_signal(signal.SIGKILL)
         runner.join(timeout=600)
-        assert result["outcome"].status == "created"
-        assert verify_store(tmp_path / "store").ok
-        assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    assert result["outcome"].status == "created"
+    assert verify_store(tmp_path / "store").ok
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
 
 
 def test_disk_full_while_writing_a_shard(tmp_path, digits_model):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import config_at, digits_config, shard_sums
+from conftest import config_at, dask_processes, digits_config, shard_sums
 
 from advpipe.config import config_from_dict
 from advpipe.errors import ConfigError, ModelError, StoreError
@@ -106,38 +105,11 @@ def test_resume_after_kill_9_of_the_client(tmp_path, digits_model, reference_sto
 
 def test_real_scheduler_and_two_worker_processes(tmp_path, digits_model, reference_store):
     """`dask scheduler` and two `dask worker` processes on 127.0.0.1, as on a cluster."""
-    scheduler_file = tmp_path / "scheduler.json"
-    dask = str(VENV_BIN / "dask")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                   "--scheduler-file", str(scheduler_file)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for name in ("w1", "w2"):
-            processes.append(subprocess.Popen(
-                [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name,
-                 "--local-directory", str(tmp_path / name)], env=env, cwd=tmp_path,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        from distributed import Client
-
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
+    with dask_processes(tmp_path, workers=2) as (address, _):
         outcome = generate(config_at(tmp_path, digits_model), scheduler=address, progress=False)
-        assert outcome.computed == 6
-        assert verify_store(tmp_path / "store").ok
-        assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    assert outcome.computed == 6
+    assert verify_store(tmp_path / "store").ok
+    assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
 
 
 def test_slurm_job_script(tmp_path):
