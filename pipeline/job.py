@@ -74,6 +74,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     source_fps = {split: s.fingerprint for split, s in sources.items()}
     base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
     fingerprint = store_fingerprint(base, plans)
+    _check_cluster(config, cluster, scheduler)
     _check_writable(store_dir)
 
     finished = _finished_manifest(store_dir)
@@ -132,10 +133,19 @@ def _model_meta(config: Config, plans: list[VariantPlan], sources: dict) -> Any:
     if not Path(config.model.checkpoint).is_file():
         raise GenerationError(f"{config.model.checkpoint}: source model checkpoint not found; "
                               f"train it first with `advpipe train-source CONFIG` (or `advpipe run CONFIG`)")
-    _, meta = load_checkpoint(config.model.checkpoint)
+    _, meta = load_checkpoint(config.model.checkpoint, arch=config.model.arch)
     for source in sources.values():
         check_compatible(meta, source.num_classes, source.image_shape)
     return meta
+
+
+def _check_cluster(config: Config, cluster: str | None, scheduler: str | None) -> None:
+    """Refuse a bad --cluster spec before the store directory is touched."""
+    spec = cluster or config.generation.cluster
+    if not (scheduler or config.generation.scheduler) and spec not in ("inline", "slurm"):
+        from pipeline.cluster import local_workers
+
+        local_workers(spec)
 
 
 def _check_writable(store_dir: Path) -> None:

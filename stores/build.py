@@ -59,7 +59,10 @@ def prepare_directory(path: Path, overwrite: bool) -> None:
         (path / MANIFEST_NAME).unlink()
     if path.exists() and overwrite:
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot write a store here ({exc.strerror or exc}); choose a writable path") from None
 
 
 def build_store(path: str | Path, splits: dict[str, SplitArrays], *, class_names: list[str],

@@ -8,6 +8,7 @@ and the settings, and training is reproducible from config.seed.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from advpipe.config import Config
 from advpipe.datasets import SourceSplit, load_source
 from advpipe.devices import resolve_device
+from advpipe.errors import ModelError
 from advpipe.models import build_model, save_checkpoint
 from trainers.loop import Batch, Method, StepContext, accuracy, fit
 
@@ -72,6 +74,7 @@ def train_source(config: Config, device: torch.device | str | None = None,
     Returns the checkpoint path and metrics (test_acc, train_acc, epochs, seconds, history).
     """
     device = resolve_device(config.device if device is None else device)
+    _check_writable(Path(config.model.checkpoint))
     optim = config.train_source
     torch.manual_seed(config.seed)
     train = load_source(config.source, "train")
@@ -112,6 +115,19 @@ def train_source(config: Config, device: torch.device | str | None = None,
              meta.arch, 100 * metrics["test_acc"], optim.epochs, metrics["seconds"], path,
              meta.fingerprint[:12])
     return path, metrics
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before training, not after it, when the checkpoint cannot be written."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".tmp-{path.name}.", dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write the checkpoint here ({exc.strerror or exc}); "
+                         "choose a writable model.checkpoint") from None
 
 
 def source_model_is_current(config: Config) -> bool:

@@ -80,8 +80,12 @@ def save_checkpoint(path: str | Path, model: SourceModel, class_names: Sequence[
         meta_json = meta.to_json()
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{path}: training info must be plain JSON (no NaN): {exc}") from None
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "meta": meta_json, "state_dict": state}, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "meta": meta_json, "state_dict": state}, tmp)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write the checkpoint here ({exc.strerror or exc}); "
+                         "choose a writable model.checkpoint") from None
     return meta
 
 
