@@ -1,9 +1,9 @@
 """Streaming reads of WebDataset stores, from a local directory or any fsspec URL (http://, s3://, ...).
 
 Teams share stores, so shards may live on another machine: a shard is fetched whole
-(one sequential read or one HTTP request), checked against the manifest's sha256
-before any of its samples is used, parsed, and its samples flow through a shuffle
-buffer into batches. Batches are assembled inside the dataset (use DataLoader with
+(memory-mapped if local, one request or fsspec read if remote), checked against the
+manifest's sha256 before any of its samples is used, parsed, and its samples flow
+through a shuffle buffer into batches. Batches are assembled inside the dataset (use DataLoader with
 batch_size=None): stacking per-sample tensors in a collate function would cost more
 than reading them.
 
@@ -13,14 +13,20 @@ form `world_size * num_workers` slots, slot = rank * num_workers + worker_id. Wi
 shards, the first S - S mod slots shards of the order are dealt round-robin, whole, to
 the slots; the remaining shards (all of them when S < slots) are read by every slot,
 and each slot keeps only the images whose id mod slots is its slot. Every image thus
-goes to exactly one slot; slots differ by at most one shard's worth of images, so ranks
-can end an epoch a batch or so apart (the last batch of each slot may be partial).
+goes to exactly one slot. Every slot reads as many whole shards as the others, so slots
+differ only by the difference in shard sizes (a split's last shard is usually smaller)
+and by rounding in the shared shards; ranks can end an epoch a batch apart, and the last
+batch of each slot may be partial (or dropped, with drop_last).
 
 The variant of an image is chosen by `Policy.choose` with the image id as position, so
 it depends on (seed, epoch, id) only, never on the slot layout or the shuffle. With
 redraw='batch' the resampling point is the block of `sampler.batch_size` consecutive ids
 an image belongs to (point = id // batch_size): each point governs as many draws as a
 batch, and draws stay layout-independent; a shuffled training batch mixes blocks.
+
+Reading cost is kept off the per-record path: a shard with the fixed layout the writer
+produces is read as strided numpy views of its bytes (see ShardReader), only each image's
+clean pixels and chosen variant are copied out, and decoding runs a batch at a time.
 
 The same seed, epoch and layout (ranks, workers, buffer) give the same sequence.
 Changes to the policy (adaptive mode, `set_epoch`) reach DataLoader workers when an
@@ -30,12 +36,15 @@ epoch's iterator starts, so do not use persistent workers.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import mmap
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import fsspec
@@ -46,10 +55,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, StoreError
+from advpipe.sampler.mapstyle import distributed_layout
 from advpipe.sampler.policy import Policy
 from stores import codec
 from stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
-from stores.wds import Record, iter_records
+from stores.wds import BLOCK, iter_records, sample_key
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,9 @@ Samples = dict[str, np.ndarray]  # parallel arrays: index, label, variant, clean
 Verify = Literal["checksum", "size"]
 SHARD_ORDER, BUFFER_ORDER = 1, 2  # tags that keep the two shuffles' generators apart
 MASK64 = (1 << 64) - 1
+KEY_DIGITS = len(sample_key(0))
+REGULAR_TYPES = (ord("0"), 0)  # tar type flags of a regular file
+NO_FAILURES = b',"failed":[]}'  # how a record's JSON ends when no variant failed
 
 
 class StreamingVariantDataset(IterableDataset):
@@ -66,10 +79,12 @@ class StreamingVariantDataset(IterableDataset):
     is_adv bool, index int64 (the image id), and x_clean when pair_clean. With batch_size
     each item is a batch (leading dimension); without, one sample.
 
-    verify='checksum' hashes every fetched shard; a local shard that this process has
-    already verified and whose size, mtime and inode are unchanged is trusted, as
-    `stores.Store` does. verify='size' only compares sizes. `prefetch` shards are fetched
-    and verified on a background thread while the current one is parsed.
+    verify='checksum' (default): a local store's shards are all hashed at construction
+    (about a second per GB, so corruption is an error then, naming the shard) and trusted
+    afterwards while their size, mtime and inode are unchanged; a changed file is hashed
+    again before use. A remote shard is hashed every time it is fetched, before any of its
+    samples is used. verify='size' only compares sizes. `prefetch` shards are fetched and
+    verified on a background thread while the current one is parsed.
     """
 
     def __init__(self, location: str | os.PathLike, split: str = "train", sampler: SamplerConfig | None = None, *,
@@ -82,10 +97,12 @@ class StreamingVariantDataset(IterableDataset):
         self.source = ShardSource(str(location), storage_options or {}, verify)
         self.manifest = self.source.manifest()
         self._check_store(split)
+        self.reader = ShardReader(self.manifest)
         self.split = split
         self.shards = self.manifest.splits[split].shards
+        self.source.verify_local(self.shards)
         self.policy = Policy.from_config(self.sampler, ["clean", *self.manifest.variant_names])
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = distributed_layout(rank, world_size)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive or None, got {batch_size}")
         self.batch_size, self.drop_last = batch_size, drop_last
@@ -118,10 +135,12 @@ class StreamingVariantDataset(IterableDataset):
         slot, slots = self._slot()
         plan = self.plan(self.epoch, slot, slots)
         log.debug("epoch %d: slot %d of %d reads %d shard(s)", self.epoch, slot, slots, len(plan))
-        chunks = self._chunks(plan, slot, slots)
+        chunks: Iterator[Samples]
         if self.shuffle_buffer:
             rng = np.random.default_rng([BUFFER_ORDER, self.sampler.seed & MASK64, self.epoch & MASK64, slot])
-            chunks = shuffle_chunks(chunks, self.shuffle_buffer, rng)
+            chunks = shuffle_chunks(self._chunks(plan, slot, slots), self.shuffle_buffer, rng)
+        else:
+            chunks = (chunk.take(slice(None)) for chunk in self._chunks(plan, slot, slots))
         if self.batch_size is None:
             for chunk in chunks:
                 tensors = self._tensors(chunk)
@@ -144,41 +163,24 @@ class StreamingVariantDataset(IterableDataset):
         whole = len(order) // slots * slots
         return [(int(i), False) for i in order[slot:whole:slots]] + [(int(i), True) for i in order[whole:]]
 
-    def _chunks(self, plan: list[tuple[int, bool]], slot: int, slots: int) -> Iterator[Samples]:
-        """Each planned shard as one chunk of samples in stored form, its variants already chosen."""
-        records = [self.shards[index] for index, _ in plan]
-        for (_, shared), record, data in zip(plan, records, self.source.fetch_all(records, self.prefetch),
-                                             strict=True):
-            chunk = self._parse(record, data, (slot, slots) if shared else None)
-            if len(chunk["index"]):
+    def _chunks(self, plan: list[tuple[int, bool]], slot: int, slots: int) -> Iterator[Pending]:
+        """Each planned shard's samples for this slot, their variants chosen."""
+        shards = [self.shards[index] for index, _ in plan]
+        for (_, shared), shard, data in zip(plan, shards, self.source.fetch_all(shards, self.prefetch), strict=True):
+            chunk = self._parse(shard, data, (slot, slots) if shared else None)
+            if len(chunk):
                 yield chunk
 
-    def _parse(self, shard: ShardRecord, data: Any, keep: tuple[int, int] | None) -> Samples:
-        records = list(iter_records(memoryview(data), shard.name))
-        ids = np.fromiter((r.id for r in records), dtype=np.int64, count=len(records))
+    def _parse(self, shard: ShardRecord, data: Any, keep: tuple[int, int] | None) -> Pending:
+        """Check the shard's images, keep this slot's and choose their variants (pixels are copied later)."""
+        columns = self.reader.read(data, shard)
+        ids = columns.ids
         if len(ids) != shard.count or not np.array_equal(ids, np.arange(shard.start, shard.stop)):
             raise IntegrityError(f"shard {shard.name}: holds images {_span(ids)}, manifest says "
                                  f"[{shard.start}, {shard.stop}); run `advpipe verify`")
-        if keep is not None:
-            slot, slots = keep
-            records = [r for r in records if r.id % slots == slot]
-            ids = ids[ids % slots == slot]
-        variants = self._choose(ids, self._failed(shard.name, records))
-        clean, stored = self._gather(shard.name, records, variants)
-        labels = np.fromiter((r.label for r in records), dtype=np.int64, count=len(records))
-        return {"index": ids, "label": labels, "variant": variants, "clean": clean, "stored": stored}
-
-    def _failed(self, shard: str, records: list[Record]) -> np.ndarray:
-        """Bool (n, V+1): the variants whose generation failed for each image."""
-        columns = {name: column for column, name in enumerate(self.manifest.variant_names, start=1)}
-        failed = np.zeros((len(records), len(columns) + 1), dtype=bool)
-        for row, record in enumerate(records):
-            for name in record.failed:
-                if name not in columns:
-                    raise IntegrityError(f"shard {shard}: record '{record.key}' lists unknown failed variant "
-                                         f"'{name}'; run `advpipe verify`")
-                failed[row, columns[name]] = True
-        return failed
+        rows = np.arange(len(ids)) if keep is None else np.flatnonzero(ids % keep[1] == keep[0])
+        variants = self._choose(ids[rows], columns.failed[rows])
+        return Pending(ids[rows], columns.labels[rows], variants, rows, columns, self.manifest.precision)
 
     def _choose(self, ids: np.ndarray, failed: np.ndarray) -> np.ndarray:
         if self.policy.redraw != "batch":
@@ -189,23 +191,6 @@ class StreamingVariantDataset(IterableDataset):
             rows = blocks == block
             variants[rows] = self.policy.choose(self.epoch, ids[rows], batch=int(block), failed=failed[rows])
         return variants
-
-    def _gather(self, shard: str, records: list[Record], variants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Copy out each image's clean pixels and its chosen variant, so the shard's bytes can go."""
-        shape = tuple(self.manifest.image_shape)
-        dtype = np.dtype(codec.STORED_DTYPE[self.manifest.precision])
-        stacked = (len(self.manifest.variants), *shape)
-        bad = [r.key for r in records if r.clean.shape != shape or r.clean.dtype != np.uint8
-               or (stacked[0] and (r.variants is None or r.variants.shape != stacked or r.variants.dtype != dtype))]
-        if bad:
-            raise IntegrityError(f"shard {shard}: record '{bad[0]}' does not have the manifest's image shape "
-                                 f"{shape}, variants or precision; run `advpipe verify`")
-        clean = np.stack([r.clean for r in records]) if records else np.empty((0, *shape), dtype=np.uint8)
-        stored = clean.copy() if self.manifest.precision == "uint8" else np.zeros(clean.shape, dtype=dtype)
-        adversarial = np.flatnonzero(variants)
-        if len(adversarial):
-            stored[adversarial] = np.stack([records[i].variants[variants[i] - 1] for i in adversarial])
-        return clean, stored
 
     def _tensors(self, samples: Samples) -> dict[str, torch.Tensor]:
         """Decode a chunk or batch in one vectorised step (clean picks hold the identity of the codec)."""
@@ -219,6 +204,231 @@ class StreamingVariantDataset(IterableDataset):
         if self.pair_clean:
             out["x_clean"] = torch.from_numpy(codec.to_float(samples["clean"]))
         return out
+
+
+@dataclass
+class ShardColumns:
+    """One shard as parallel arrays; the image arrays may be read-only views of the shard's bytes."""
+
+    ids: np.ndarray  # int64 (n,)
+    labels: np.ndarray  # int64 (n,)
+    failed: np.ndarray  # bool (n, V+1): variants whose generation failed (column 0, clean, never)
+    clean: np.ndarray  # uint8 (n, C, H, W)
+    variants: np.ndarray  # stored form (n, V, C, H, W)
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return self.variants.dtype
+
+
+@dataclass
+class Pending:
+    """A shard's samples for one slot, variants chosen, pixels still in the shard's bytes.
+
+    `take` and `put` copy out only each sample's clean image and chosen variant, straight
+    to where the sample goes next (the shuffle buffer or an output chunk); the shard's
+    bytes are released once its samples have all been copied.
+    """
+
+    index: np.ndarray  # int64 (n,): image ids
+    label: np.ndarray
+    variant: np.ndarray  # chosen variant ids (0 = clean)
+    rows: np.ndarray  # the samples' rows in `columns`
+    columns: ShardColumns
+    precision: str
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(self, positions: slice | np.ndarray) -> Pending:
+        return Pending(self.index[positions], self.label[positions], self.variant[positions], self.rows[positions],
+                       self.columns, self.precision)
+
+    def take(self, positions: slice | np.ndarray) -> Samples:
+        """The samples at `positions` as new arrays; a clean pick stores the codec's identity."""
+        positions = np.arange(len(self))[positions]  # an index array, so that every result is a copy
+        rows, variant = self.rows[positions], self.variant[positions]
+        clean = self.columns.clean[rows]
+        stored = clean.copy() if self.precision == "uint8" else np.zeros(clean.shape, self.columns.stored_dtype)
+        adversarial = np.flatnonzero(variant)
+        stored[adversarial] = self.columns.variants[rows[adversarial], variant[adversarial] - 1]
+        return {"index": self.index[positions], "label": self.label[positions], "variant": variant, "clean": clean,
+                "stored": stored}
+
+    def put(self, positions: np.ndarray, out: Samples, at: np.ndarray) -> None:
+        """Write the samples at `positions` into rows `at` of `out`."""
+        for key, values in self.take(positions).items():
+            out[key][at] = values
+
+
+class ShardReader:
+    """Turns a WebDataset shard's bytes into ShardColumns.
+
+    A shard as `stores.wds.write_shard` writes it has a fixed stride: each record is the
+    same members in the same order, .cls and .json fit one tar block, and the .npy members
+    have the manifest's shape and dtype. Such a shard is read as strided numpy views, with
+    every header checked in bulk (names and ids, member type, sizes, .npy headers) and no
+    Python work per record: ids come from the member names and labels from .cls, as the
+    format defines them, and the JSON is parsed only for records that list failed
+    variants. Any other shard is read record by record with `stores.wds.iter_records`.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.shape = tuple(manifest.image_shape)
+        self.names = manifest.variant_names
+        self.dtype = np.dtype(codec.STORED_DTYPE[manifest.precision])
+        stacked = (len(self.names), *self.shape)
+        pixels = int(np.prod(self.shape))
+        members = [("cls", b"", 0), ("json", b"", 0), ("clean.npy", _npy_header(self.shape, np.uint8), pixels)]
+        if self.names:
+            members.append(("variants.npy", _npy_header(stacked, self.dtype), len(self.names) * pixels
+                            * self.dtype.itemsize))
+        self.members: dict[str, tuple[int, bytes, int]] = {}  # suffix: offset, npy header, size (0: any)
+        offset = 0
+        for suffix, npy_header, pixel_bytes in members:
+            size = len(npy_header) + pixel_bytes
+            self.members[suffix] = (offset, npy_header, size)
+            offset += BLOCK + _blocks(size or BLOCK) * BLOCK
+        self.stride = offset
+
+    def read(self, data: Any, shard: ShardRecord) -> ShardColumns:
+        columns = self._strided(data, shard)
+        if columns is None:
+            log.debug("shard %s is not laid out at a fixed stride; reading it record by record", shard.name)
+            columns = self._by_record(data, shard)
+        return columns
+
+    def _strided(self, data: Any, shard: ShardRecord) -> ShardColumns | None:
+        count, end = shard.count, shard.count * self.stride
+        if count < 1 or len(data) < end + 2 * BLOCK or np.frombuffer(data, np.uint8, offset=end).any():
+            return None
+        checked = self._check_headers(data, count)
+        labels = None if checked is None else _decimal(self._payload(data, count, "cls", (BLOCK,)), checked[1]["cls"])
+        if checked is None or labels is None:
+            return None
+        (ids, sizes), stacked = checked, (len(self.names), *self.shape)
+        failed = self._failed_from_json(shard, ids, labels, self._payload(data, count, "json", (BLOCK,)), sizes["json"])
+        variants = self._payload(data, count, "variants.npy", stacked, self.dtype) if self.names \
+            else np.zeros((count, *stacked), self.dtype)
+        return ShardColumns(ids, labels, failed, self._payload(data, count, "clean.npy", self.shape), variants)
+
+    def _check_headers(self, data: Any, count: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """(ids, member sizes) if every record has this layout's member names, types, sizes and .npy headers."""
+        ids, sizes = None, {}
+        for suffix, (offset, npy_header, size) in self.members.items():
+            header = self._rows(data, count, offset, (BLOCK,))
+            member_ids, member_size = _member_ids(header, suffix), _octal(header[:, 124:136])
+            if member_ids is None or member_size is None or (ids is not None and not np.array_equal(ids, member_ids)):
+                return None
+            expected = member_size == size if size else (member_size > 0) & (member_size <= BLOCK)
+            npy = self._rows(data, count, offset + BLOCK, (len(npy_header),))
+            if not (expected.all() and (npy == np.frombuffer(npy_header, np.uint8)).all()):
+                return None
+            ids, sizes[suffix] = member_ids, member_size
+        return ids, sizes
+
+    def _payload(self, data: Any, count: int, suffix: str, shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+        """(count, *shape) view of each record's `suffix` member, after its .npy header if it has one."""
+        offset, npy_header, _ = self.members[suffix]
+        return self._rows(data, count, offset + BLOCK + len(npy_header), shape, dtype)
+
+    def _rows(self, data: Any, count: int, offset: int, shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+        """(count, *shape) view of the bytes at `offset` within each record."""
+        dtype = np.dtype(dtype)
+        inner = np.empty(shape, dtype).strides
+        return np.ndarray((count, *shape), dtype, buffer=data, offset=offset, strides=(self.stride, *inner))
+
+    def _failed_from_json(self, shard: ShardRecord, ids: np.ndarray, labels: np.ndarray, payloads: np.ndarray,
+                          sizes: np.ndarray) -> np.ndarray:
+        tails = np.take_along_axis(payloads, np.maximum(sizes[:, None] - len(NO_FAILURES), 0)
+                                   + np.arange(len(NO_FAILURES)), axis=1)
+        listed = np.flatnonzero(~(tails == np.frombuffer(NO_FAILURES, np.uint8)).all(axis=1))
+        entries = []
+        for row in listed.tolist():
+            key = sample_key(int(ids[row]))
+            try:
+                meta = json.loads(bytes(payloads[row, :sizes[row]]))
+                consistent = meta["id"] == ids[row] and meta["label"] == labels[row]
+                entries.append((row, key, list(meta.get("failed", []))))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IntegrityError(f"shard {shard.name}: record '{key}' is malformed ({exc!r}); "
+                                     "run `advpipe verify`") from None
+            if not consistent:
+                raise IntegrityError(f"shard {shard.name}: record '{key}' has id or label differing from its "
+                                     "member names or .cls; run `advpipe verify`")
+        return self._failed_matrix(shard, len(ids), entries)
+
+    def _by_record(self, data: Any, shard: ShardRecord) -> ShardColumns:
+        records = list(iter_records(memoryview(data), shard.name))
+        stacked = (len(self.names), *self.shape)
+        bad = [r.key for r in records if r.clean.shape != self.shape or r.clean.dtype != np.uint8 or (
+            self.names and (r.variants is None or r.variants.shape != stacked or r.variants.dtype != self.dtype))]
+        if bad:
+            raise IntegrityError(f"shard {shard.name}: record '{bad[0]}' does not have the manifest's image shape "
+                                 f"{self.shape}, variants or precision; run `advpipe verify`")
+        count = len(records)
+        return ShardColumns(
+            ids=np.fromiter((r.id for r in records), dtype=np.int64, count=count),
+            labels=np.fromiter((r.label for r in records), dtype=np.int64, count=count),
+            failed=self._failed_matrix(shard, count, [(row, r.key, r.failed) for row, r in enumerate(records)]),
+            clean=np.stack([r.clean for r in records]) if records else np.zeros((0, *self.shape), np.uint8),
+            variants=np.stack([r.variants for r in records]) if records and self.names
+            else np.zeros((count, *stacked), self.dtype),
+        )
+
+    def _failed_matrix(self, shard: ShardRecord, count: int, entries: list[tuple[int, str, list[str]]]) -> np.ndarray:
+        failed = np.zeros((count, len(self.names) + 1), dtype=bool)
+        for row, key, names in entries:
+            for name in names:
+                if name not in self.names:
+                    raise IntegrityError(f"shard {shard.name}: record '{key}' lists unknown failed variant "
+                                         f"'{name}'; run `advpipe verify`")
+                failed[row, self.names.index(name) + 1] = True
+        return failed
+
+
+def _npy_header(shape: tuple[int, ...], dtype: Any) -> bytes:
+    """The .npy (version 1.0) header that stores.wds writes for a C-ordered array of this shape and dtype."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def _blocks(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK
+
+
+def _member_ids(headers: np.ndarray, suffix: str) -> np.ndarray | None:
+    """Ids from names '<9-digit id>.<suffix>' (NUL-padded, no prefix, regular files), or None."""
+    tail = np.zeros(100 - KEY_DIGITS, np.uint8)
+    tail[:len(suffix) + 1] = np.frombuffer(f".{suffix}".encode(), np.uint8)
+    digits = headers[:, :KEY_DIGITS].astype(np.int64) - ord("0")
+    if not (((digits >= 0) & (digits <= 9)).all() and (headers[:, KEY_DIGITS:100] == tail).all()
+            and np.isin(headers[:, 156], REGULAR_TYPES).all() and not headers[:, 345:500].any()):
+        return None
+    return digits @ 10 ** np.arange(KEY_DIGITS - 1, -1, -1)
+
+
+def _octal(fields: np.ndarray) -> np.ndarray | None:
+    """Tar size fields of 11 octal digits and a NUL or space, or None if any is written otherwise."""
+    digits = fields[:, :11].astype(np.int64) - ord("0")
+    if not (((digits >= 0) & (digits <= 7)).all() and np.isin(fields[:, 11], (0, ord(" "))).all()):
+        return None
+    return digits @ 8 ** np.arange(10, -1, -1)
+
+
+def _decimal(payloads: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+    """Non-negative ASCII decimals of the given lengths (the .cls members), or None."""
+    width = int(sizes.max())
+    if width > 18:
+        return None
+    digits = payloads[:, :width].astype(np.int64) - ord("0")
+    inside = np.arange(width) < sizes[:, None]
+    if not (((digits >= 0) & (digits <= 9)) | ~inside).all():
+        return None
+    powers = 10 ** np.maximum(sizes[:, None] - 1 - np.arange(width), 0)
+    return (np.where(inside, digits, 0) * powers).sum(axis=1)
 
 
 class ShardSource:
@@ -235,10 +445,11 @@ class ShardSource:
         self.storage_options = storage_options
         self.verify = verify
         self._verified: dict[str, tuple[int, ...]] = {}  # local shard path -> stat signature it was hashed at
+        self._maps: dict[str, tuple[tuple[int, ...], Any]] = {}  # local shard path -> (signature, memory map)
         self._fs: tuple[int, fsspec.AbstractFileSystem, str] | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}
+        return {**self.__dict__, "_fs": None, "_maps": {}}
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         if self._fs is None or self._fs[0] != os.getpid():
@@ -256,6 +467,19 @@ class ShardSource:
         except OSError as exc:
             raise StoreError(f"{self.location}: cannot read {MANIFEST_NAME} ({exc})") from None
         return parse_manifest(text, f"{self.location}/{MANIFEST_NAME}")
+
+    def verify_local(self, shards: list[ShardRecord]) -> None:
+        """Hash every shard of a local store now, so corruption is an error at construction.
+
+        Later fetches, in this process or in DataLoader workers started from it, trust a
+        file whose size, mtime and inode are unchanged since. Threads share the hashing
+        (hashlib releases the GIL). Remote shards are hashed at every fetch instead.
+        """
+        if self.verify != "checksum" or not isinstance(self.filesystem()[0], LocalFileSystem):
+            return
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for _ in pool.map(self.fetch, shards):
+                pass
 
     def fetch_all(self, shards: list[ShardRecord], ahead: int) -> Iterator[Any]:
         """Each shard's verified bytes in order, fetching up to `ahead` shards in the background."""
@@ -293,15 +517,23 @@ class ShardSource:
         return data
 
     def _local(self, shard: ShardRecord, path: str) -> tuple[Any, tuple[int, ...]]:
+        """A read-only memory map of the file, kept for the next epoch while the file is unchanged.
+
+        Like the HDF5 reader's maps, it costs address space, not memory: the pages are the
+        page cache's. Keeping it saves re-mapping every page of the store each epoch.
+        """
         try:
-            with open(path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if stat.st_size else b""
+            stat = os.stat(path)
+            signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+            if self._maps.get(path, (None,))[0] != signature:
+                with open(path, "rb") as handle:
+                    data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if stat.st_size else b""
+                self._maps[path] = (signature, data)
         except FileNotFoundError:
             raise IntegrityError(f"shard {shard.name}: missing from {self.location}") from None
         except OSError as exc:
             raise IntegrityError(f"shard {shard.name}: cannot be read ({exc})") from None
-        return data, (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+        return self._maps[path][1], signature
 
     def _remote(self, fs: fsspec.AbstractFileSystem, shard: ShardRecord, path: str) -> bytes:
         try:
@@ -312,7 +544,7 @@ class ShardSource:
             raise StoreError(f"shard {shard.name}: cannot be read from {self.location} ({exc})") from None
 
 
-def shuffle_chunks(chunks: Iterable[Samples], size: int, rng: np.random.Generator) -> Iterator[Samples]:
+def shuffle_chunks(chunks: Iterable[Pending], size: int, rng: np.random.Generator) -> Iterator[Samples]:
     """A shuffle buffer of `size` samples, exchanged a chunk at a time.
 
     Each incoming chunk of n samples sends out n samples drawn uniformly without
@@ -322,32 +554,31 @@ def shuffle_chunks(chunks: Iterable[Samples], size: int, rng: np.random.Generato
     """
     pool: Samples | None = None
     for chunk in chunks:
-        if pool is None or len(pool["index"]) < size:  # filling: the pool owns copies, it is refilled in place
-            room = size - (0 if pool is None else len(pool["index"]))
-            head = {key: values[:room].copy() for key, values in chunk.items()}
+        held = 0 if pool is None else len(pool["index"])
+        if held < size:  # filling
+            head = chunk.take(slice(0, size - held))
             pool = head if pool is None else concat([pool, head])
-            chunk = take(chunk, slice(room, None))
-            if not len(chunk["index"]):
+            chunk = chunk.subset(slice(size - held, None))
+            if not len(chunk):
                 continue
         yield _exchange(pool, chunk, rng)
     if pool is not None and len(pool["index"]):
         yield take(pool, rng.permutation(len(pool["index"])))
 
 
-def _exchange(pool: Samples, chunk: Samples, rng: np.random.Generator) -> Samples:
+def _exchange(pool: Samples, chunk: Pending, rng: np.random.Generator) -> Samples:
     """Send out len(chunk) random samples of pool + chunk; refill the pool in place with the chunk's rest."""
-    held, incoming = len(pool["index"]), len(chunk["index"])
+    held, incoming = len(pool["index"]), len(chunk)
     picks = rng.permutation(held + incoming)[:incoming]
-    from_pool = picks < held
-    out = {}
+    at_pool, at_chunk = np.flatnonzero(picks < held), np.flatnonzero(picks >= held)
+    freed, sent = picks[at_pool], picks[at_chunk] - held
+    out = {key: np.empty((incoming, *values.shape[1:]), values.dtype) for key, values in pool.items()}
     for key, values in pool.items():
-        out[key] = np.empty((incoming, *values.shape[1:]), dtype=values.dtype)
-        out[key][from_pool] = values[picks[from_pool]]
-        out[key][~from_pool] = chunk[key][picks[~from_pool] - held]
+        out[key][at_pool] = values[freed]
+    chunk.put(sent, out, at_chunk)
     staying = np.ones(incoming, dtype=bool)
-    staying[picks[~from_pool] - held] = False
-    for key, values in pool.items():
-        values[picks[from_pool]] = chunk[key][staying]
+    staying[sent] = False
+    chunk.put(np.flatnonzero(staying), pool, freed)
     return out
 
 
@@ -382,30 +613,50 @@ def _span(ids: np.ndarray) -> str:
     return f"{len(ids)} images [{ids.min()}, {ids.max() + 1})" if len(ids) else "no images"
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values win; otherwise torch.distributed's, if initialised; otherwise a single process."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if rank is None:
-        rank = torch.distributed.get_rank() if distributed else 0
-    if world_size is None:
-        world_size = torch.distributed.get_world_size() if distributed else 1
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
-    return rank, world_size
+class StreamLoader:
+    """One pass of `for batch in loader` is one epoch, as with `mapstyle.StoreLoader`.
+
+    The epoch advances when a pass runs to its end; each epoch starts by applying the
+    policy's pending adaptive updates (`update`) in this process, before DataLoader
+    workers start and copy the dataset, so every worker draws with the same policy.
+    """
+
+    def __init__(self, dataset: StreamingVariantDataset, num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                     pin_memory=pin_memory)
+        self.epoch = dataset.epoch
+        self._adapted_epoch: int | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.dataset.policy
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def update(self, errors: dict[str, float]) -> None:
+        """Per-variant error rates or losses for adaptive mode; they take effect at the next epoch."""
+        self.policy.update(errors)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._adapted_epoch != self.epoch:
+            self.policy.adapt()
+            self._adapted_epoch = self.epoch
+        self.dataset.set_epoch(self.epoch)
+        yield from self.dataloader
+        self.epoch += 1
 
 
 def make_stream_loader(location: str | os.PathLike, split: str = "train", sampler_config: SamplerConfig | None = None,
                        batch_size: int = 256, num_workers: int = 0, shuffle_buffer: int = 1024,
                        rank: int | None = None, world_size: int | None = None, pair_clean: bool | None = None,
-                       **options: Any) -> DataLoader:
-    """A DataLoader over a StreamingVariantDataset that batches inside the dataset.
+                       pin_memory: bool = False, **options: Any) -> StreamLoader:
+    """A StreamLoader over one split, batching inside the dataset; every store and policy problem is raised here.
 
-    Call `loader.dataset.set_epoch(epoch)` before each epoch. Workers are not persistent,
-    so each epoch's workers start from the dataset's current epoch and policy. `options`
-    go to StreamingVariantDataset (shuffle, drop_last, verify, prefetch, storage_options).
+    `options` go to StreamingVariantDataset (shuffle, drop_last, verify, prefetch, storage_options).
     """
     dataset = StreamingVariantDataset(location, split, sampler_config, batch_size=batch_size,
                                       shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
                                       pair_clean=pair_clean, **options)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=2 if num_workers else None)
+    return StreamLoader(dataset, num_workers=num_workers, pin_memory=pin_memory)
