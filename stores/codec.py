@@ -57,8 +57,13 @@ def encode(clean: np.ndarray, variant: np.ndarray, precision: str) -> Encoded:
 
 def decode(clean: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
     """Float32 pixels in [0, 1] from the stored form (see the table above)."""
+    return apply(to_float(clean), stored, precision)
+
+
+def apply(base: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
+    """Like `decode`, given the clean image already as float (`to_float(clean)`); may reuse `base`."""
     if precision == "uint8":
         return to_float(stored)
-    out = to_float(clean)
-    out += stored
-    return np.clip(out, 0.0, 1.0, out=out)
+    base += stored
+    return np.clip(base, 0.0, 1.0, out=base)
+

@@ -38,19 +38,19 @@ def _build(target: io.BytesIO, shard: ShardData, compression: str | None) -> Non
     options = {"track_times": False}
     if compression:
         options.update(compression=compression, shuffle=True)
+    names = list(shard.stored)
     with h5py.File(target, "w", libver="v108", track_order=True) as handle:
         handle.attrs["format"] = "advpipe-shard"
         handle.attrs["split"] = shard.split
         handle.attrs["start"] = shard.start
-        handle.attrs["variants"] = np.array(list(shard.stored), dtype=h5py.string_dtype())
+        handle.attrs["variants"] = np.array(names, dtype=h5py.string_dtype())
         handle.create_dataset("ids", data=shard.ids, track_times=False)
         handle.create_dataset("labels", data=shard.labels, track_times=False)
         _array(handle, "clean", shard.clean, options)
-        variants = handle.create_group("variants", track_order=True)
-        failed = handle.create_group("failed", track_order=True)
-        for name, stored in shard.stored.items():
-            _array(variants, name, stored, options)
-            failed.create_dataset(name, data=shard.failed[name].astype(np.uint8), track_times=False)
+        if names:
+            _array(handle, "variants", np.stack([shard.stored[n] for n in names], axis=1), options)
+            failed = np.stack([shard.failed[n] for n in names], axis=1).astype(np.uint8)
+            handle.create_dataset("failed", data=failed, track_times=False)
 
 
 def _array(group: h5py.Group, name: str, data: np.ndarray, options: dict) -> None:
@@ -80,22 +80,21 @@ class HDF5Shard:
         return self._arrays
 
     def _load(self) -> dict[str, object]:
-        arrays: dict[str, object] = {}
         try:
             handle = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
             raise IntegrityError(
                 f"shard {self.path.name}: cannot be opened as HDF5 ({exc}); run `advpipe verify`"
             ) from None
-        try:
-            keys = ["clean", *[f"variants/{n}" for n in self.variant_names]]
-            for key in ["ids", "labels", *[f"failed/{n}" for n in self.variant_names]]:
-                arrays[key] = self._dataset(handle, key)[()]
-            for key in keys:
-                arrays[key] = self._mapped(handle, key)
-        finally:
-            if not any(isinstance(a, h5py.Dataset) for a in arrays.values()):
-                handle.close()
+        stacked = ["clean", "variants"] if self.variant_names else ["clean"]
+        small = ["ids", "labels", "failed"] if self.variant_names else ["ids", "labels"]
+        arrays: dict[str, object] = {key: self._dataset(handle, key)[()] for key in small}
+        arrays.update({key: self._mapped(handle, key) for key in stacked})
+        if self.variant_names and arrays["variants"].shape[1] != len(self.variant_names):
+            raise IntegrityError(f"shard {self.path.name}: holds {arrays['variants'].shape[1]} variants, "
+                                 f"manifest says {len(self.variant_names)}; run `advpipe verify`")
+        if not any(isinstance(a, h5py.Dataset) for a in arrays.values()):
+            handle.close()
         return arrays
 
     def _dataset(self, handle: h5py.File, key: str) -> h5py.Dataset:
@@ -125,29 +124,36 @@ class HDF5Shard:
         return self._open()["ids"]
 
     def failed(self, variant_index: int) -> np.ndarray:
-        return self._open()[f"failed/{self.variant_names[variant_index]}"].astype(bool)
+        return self._open()["failed"][:, variant_index].astype(bool)
 
     def clean(self, rows: np.ndarray) -> np.ndarray:
         return self._take("clean", rows)
 
     def stored(self, variant_index: int, rows: np.ndarray) -> np.ndarray:
-        return self._take(f"variants/{self.variant_names[variant_index]}", rows)
+        return self.stored_pairs(rows, np.full(len(rows), variant_index))
 
-    def _take(self, key: str, rows: np.ndarray) -> np.ndarray:
+    def stored_pairs(self, rows: np.ndarray, variant_indices: np.ndarray) -> np.ndarray:
+        """Row i of variant variant_indices[i] for every i: one gather, whatever the mix of variants."""
+        return self._take("variants", rows, variant_indices)
+
+    def _take(self, key: str, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         source = self._open()[key]
         if isinstance(source, np.ndarray):
-            return source[rows]
-        return self._take_chunked(key, source, rows)
+            return np.asarray(source[rows] if columns is None else source[rows, columns])
+        return self._take_chunked(key, source, rows, columns)
 
-    def _take_chunked(self, key: str, dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    def _take_chunked(self, key: str, dataset: h5py.Dataset, rows: np.ndarray,
+                      columns: np.ndarray | None) -> np.ndarray:
         """Decode each needed chunk once (sorted), then gather: h5py fancy indexing is ~20x slower."""
         size = dataset.chunks[0]
-        out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
+        tail = dataset.shape[1:] if columns is None else dataset.shape[2:]
+        out = np.empty((len(rows), *tail), dtype=dataset.dtype)
         chunk_ids = rows // size
         for chunk in np.unique(chunk_ids):
             block = self._chunk(key, dataset, int(chunk), size)
             mask = chunk_ids == chunk
-            out[mask] = block[rows[mask] - chunk * size]
+            local = rows[mask] - chunk * size
+            out[mask] = block[local] if columns is None else block[local, columns[mask]]
         return out
 
     def _chunk(self, key: str, dataset: h5py.Dataset, chunk: int, size: int) -> np.ndarray:
@@ -157,6 +163,6 @@ class HDF5Shard:
             return self._chunk_cache[cache_key]
         block = dataset[chunk * size : (chunk + 1) * size]
         self._chunk_cache[cache_key] = block
-        if len(self._chunk_cache) > 4 * (len(self.variant_names) + 1):
+        if len(self._chunk_cache) > 8:
             self._chunk_cache.popitem(last=False)
         return block

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from advpipe.errors import StoreError
 
 FORMAT = "advpipe-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -122,6 +122,12 @@ class Manifest(Strict):
     @field_validator("format_version")
     @classmethod
     def _supported(cls, version: int) -> int:
+        if version == 1:
+            raise ValueError(
+                "store format version 1 (one HDF5 dataset per variant) is no longer read: version 2 stacks the "
+                "variants of a shard so that a batch is one read per shard; regenerate the store with "
+                "`advpipe generate CONFIG --force`"
+            )
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"store format version {version} is not supported by this advpipe (it reads version "

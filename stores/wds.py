@@ -211,5 +211,8 @@ class WdsShard:
         return np.stack([records[r].clean for r in rows])
 
     def stored(self, variant_index: int, rows: np.ndarray) -> np.ndarray:
+        return self.stored_pairs(rows, np.full(len(rows), variant_index))
+
+    def stored_pairs(self, rows: np.ndarray, variant_indices: np.ndarray) -> np.ndarray:
         records = self._open()
-        return np.stack([records[r].variants[variant_index] for r in rows])
+        return np.stack([records[r].variants[v] for r, v in zip(rows, variant_indices, strict=True)])

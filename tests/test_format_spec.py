@@ -26,7 +26,7 @@ from stores import SplitArrays, build_store, open_store
 # Independent reader (docs/FORMAT.md only)
 # --------------------------------------------------------------------------------------------------
 
-SUPPORTED_VERSION = 1
+SUPPORTED_VERSION = 2
 EXTENSIONS = {"hdf5": "h5", "webdataset": "tar"}
 STORED_DTYPE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 
@@ -100,9 +100,13 @@ def read_hdf5_shard(path: Path, variants: list[str], count: int) -> dict:
         out["ids"] = handle["ids"][()]
         out["labels"] = handle["labels"][()]
         out["clean"] = read_image_dataset(path, handle["clean"])
-        for name in variants:
-            out["stored"][name] = read_image_dataset(path, handle[f"variants/{name}"])
-            out["failed"][name] = handle[f"failed/{name}"][()] != 0
+        if variants:
+            stacked = read_image_dataset(path, handle["variants"])  # (n, V, C, H, W), manifest order
+            flags = handle["failed"][()]  # (n, V) uint8
+            assert stacked.shape[1] == flags.shape[1] == len(variants)
+            for v, name in enumerate(variants):
+                out["stored"][name] = stacked[:, v]
+                out["failed"][name] = flags[:, v] != 0
     for key in ("ids", "labels", "clean"):
         assert len(out[key]) == count
     return out
@@ -286,18 +290,17 @@ def test_hdf5_layout(tmp_path: Path):
         attrs = handle.attrs
         assert (attrs["format"], attrs["split"], int(attrs["start"])) == ("advpipe-shard", "train", 16)
         assert list(attrs["variants"]) == ["noise", "tiny"]
-        assert list(handle["variants"]) == list(handle["failed"]) == ["noise", "tiny"]
         expected = {"ids": ((16,), "int64"), "labels": ((16,), "int64"), "clean": ((16, 3, 8, 8), "uint8"),
-                    "variants/noise": ((16, 3, 8, 8), "float16"), "failed/noise": ((16,), "uint8")}
+                    "variants": ((16, 2, 3, 8, 8), "float16"), "failed": ((16, 2), "uint8")}
         for key, (shape, dtype) in expected.items():
             dataset = handle[key]
             assert (dataset.shape, dataset.dtype.name, dataset.chunks) == (shape, dtype, None)
             assert dataset.id.get_offset() is not None
     with h5py.File(tmp_path / "gz/train/train-00000.h5", "r") as handle:
-        for key in ("clean", "variants/noise"):
+        for key, chunks in (("clean", (16, 3, 8, 8)), ("variants", (16, 2, 3, 8, 8))):
             dataset = handle[key]
-            assert (dataset.chunks, dataset.compression, dataset.shuffle) == ((16, 3, 8, 8), "gzip", True)
-        assert handle["ids"].chunks is None and handle["failed/noise"].chunks is None
+            assert (dataset.chunks, dataset.compression, dataset.shuffle) == (chunks, "gzip", True)
+        assert handle["ids"].chunks is None and handle["failed"].chunks is None
 
 
 def test_tar_layout(tmp_path: Path):
@@ -331,10 +334,13 @@ def test_unfinished_or_unknown_versions_are_refused(tmp_path: Path):
     path = tmp_path / "store"
     build_store(path, {"train": make_arrays(8)}, class_names=CLASSES, shard_size=4, progress=False)
     manifest = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(FormatError, match="format version 2 is not supported"):
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(FormatError, match="format version 3 is not supported"):
         IndependentStore(path)
-    with pytest.raises(Exception, match="format version 2 is not supported"):
+    with pytest.raises(Exception, match="format version 3 is not supported"):
+        open_store(path)
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(Exception, match="version 1 .* no longer read.*--force"):
         open_store(path)
     (path / "manifest.json").unlink()
     with pytest.raises(FormatError, match="not a finished store"):
