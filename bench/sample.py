@@ -4,7 +4,8 @@ Batches of 256 float32 [256, 3, 32, 32] images plus labels, one variant picked p
 image (clean or one of 7), from the same images stored five ways:
 
   in-memory      one uint8 array (N, V+1, 3, 32, 32), gathered in numpy: the upper bound
-  HDF5 map-style advpipe.sampler.mapstyle.make_loader over an HDF5 store (num_workers 0 and 2)
+  HDF5 map-style advpipe.sampler.mapstyle.make_loader over an HDF5 store (num_workers 0 and 2;
+                 also the compact uint8-precision store, 0 workers)
   WDS streaming  advpipe.sampler.streaming.make_stream_loader over a WebDataset store (0 and 2)
   PNG per file   the seed code's layout: one PNG per image per variant, read with PIL
 
@@ -38,7 +39,9 @@ from stores import SplitArrays, build_store, convert_store
 from stores.codec import to_float
 
 SHAPE = (3, 32, 32)
-TARGETS = {"HDF5 map-style, 0 workers": ("in-memory", 0.5), "WDS streaming, 0 workers": ("PNG", 3.0)}
+TARGETS = {"HDF5 map-style, 0 workers": ("in-memory", 0.5),
+           "HDF5 map-style, uint8 precision, 0 workers": ("in-memory", 0.5),
+           "WDS streaming, 0 workers": ("PNG", 3.0)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,6 +73,11 @@ def build(workdir: Path, data: SplitArrays, shard_size: int) -> tuple[Path, Path
         timed(f"build HDF5 store ({len(data.images)} images)", lambda: build_store(
             h5, {"train": data}, class_names=[str(c) for c in range(10)], backend="hdf5", shard_size=shard_size,
             progress=False))
+    compact = workdir / "store-h5-uint8"
+    if not (compact / "manifest.json").exists():
+        timed("build HDF5 store, uint8 precision", lambda: build_store(
+            compact, {"train": data}, class_names=[str(c) for c in range(10)], backend="hdf5", precision="uint8",
+            shard_size=shard_size, progress=False))
     if not (wds / "manifest.json").exists():
         timed("convert to WebDataset", lambda: convert_store(h5, wds, "webdataset", progress=False))
     if not (png / "complete").exists():
@@ -179,6 +187,8 @@ def measure(args: argparse.Namespace, data: SplitArrays, h5: Path, wds: Path, pn
         "in-memory": lambda: in_memory(table, labels, args.batch),
         "PNG": lambda: png_files(png, labels, args.variants, args.batch),
     }
+    builders["HDF5 map-style, uint8 precision, 0 workers"] = lambda: loader_epochs(make_loader(
+        h5.parent / "store-h5-uint8", "train", policy, batch_size=args.batch, num_workers=0))
     for workers in (0, 2):
         builders[f"HDF5 map-style, {workers} workers"] = lambda w=workers: loader_epochs(make_loader(
             h5, "train", policy, batch_size=args.batch, num_workers=w))

@@ -67,3 +67,18 @@ def apply(base: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
     base += stored
     return np.clip(base, 0.0, 1.0, out=base)
 
+
+
+def decode_mixed(clean: np.ndarray, stored: np.ndarray, adversarial: np.ndarray, precision: str) -> np.ndarray:
+    """Rows of one shard where `adversarial` rows take their stored variant, the rest stay clean.
+
+    uint8 stores pick pixels first and convert once; delta stores convert the clean
+    rows once and add the deltas in place.
+    """
+    if precision == "uint8":
+        pixels = clean.copy()
+        pixels[adversarial] = stored
+        return to_float(pixels)
+    decoded = to_float(clean)
+    decoded[adversarial] = apply(decoded[adversarial], stored, precision)
+    return decoded

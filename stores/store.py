@@ -194,12 +194,11 @@ class SplitReader:
 
     def _read_rows(self, shard, rows: np.ndarray, variant_ids: np.ndarray) -> np.ndarray:
         clean = shard.clean(rows)
-        decoded = codec.to_float(clean)
         adversarial = variant_ids > 0
-        if adversarial.any():
-            stored = shard.stored_pairs(rows[adversarial], variant_ids[adversarial] - 1)
-            decoded[adversarial] = codec.apply(decoded[adversarial], stored, self.precision)
-        return decoded
+        if not adversarial.any():
+            return codec.to_float(clean)
+        stored = shard.stored_pairs(rows[adversarial], variant_ids[adversarial] - 1)
+        return codec.decode_mixed(clean, stored, adversarial, self.precision)
 
     def shard_data(self, index: int) -> ShardData:
         """A whole shard in its stored form (for conversion and re-encoding)."""
