@@ -107,6 +107,8 @@ class GenerationConfig(Section):
     scheduler: str | None = None
     threads_per_worker: int = Field(default=1, ge=1)
     retries: int = Field(default=2, ge=0)
+    #: success rates need two source-model inference passes per image and variant; off skips them
+    statistics: bool = True
     slurm: SlurmConfig = SlurmConfig()
 
 

@@ -137,7 +137,7 @@ def _generate(ctx: WorkerContext, plan: VariantPlan, task: ShardTask, clean_floa
 
 @torch.no_grad()
 def _predict(ctx: WorkerContext, images: np.ndarray) -> np.ndarray | None:
-    if ctx.model is None:
+    if ctx.model is None or not ctx.config.generation.statistics:
         return None
     batch_size = ctx.config.generation.batch_size
     predictions = [ctx.model(torch.from_numpy(images[i : i + batch_size]).to(ctx.device)).argmax(1).cpu()
