@@ -172,3 +172,13 @@ def test_generator_nan_is_recorded_as_failure_not_stored(tmp_path, digits_model,
     assert np.flatnonzero(store.split("train").failed()[:, 1]).tolist() == expected
     assert np.isfinite(store.split("train").read(np.arange(96), 1)).all()
     assert verify_store(tmp_path / "store").ok
+
+
+def test_statistics_can_be_switched_off(tmp_path, digits_model, reference_store):
+    raw = digits_config(tmp_path, checkpoint=digits_model)
+    raw["generation"]["statistics"] = False
+    outcome = generate(config_from_dict(raw), progress=False)
+    fgsm = outcome.manifest.splits["test"].stats["fgsm"]
+    assert fgsm.success_rate is None and fgsm.clean_correct == 0
+    assert fgsm.max_linf == pytest.approx(0.1, abs=2e-3)
+    assert shard_sums(tmp_path / "store") == shard_sums(reference_store)  # same bytes, fewer figures
