@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class StepContext:
     optimizer: torch.optim.Optimizer
 
 
-class Method:
+class Method(ABC):
     """How one training method turns batches into losses.
 
     Subclasses implement `training_step`; every other hook defaults to doing nothing.
@@ -71,10 +72,10 @@ class Method:
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Before an epoch's first batch (e.g. redraw sampling probabilities)."""
 
+    @abstractmethod
     def training_step(self, model: nn.Module, batch: Batch,
                       ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         """The loss to backpropagate and per-batch metrics (means; "acc" becomes train_acc)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
     def after_backward(self, model: nn.Module, batch: Batch, ctx: StepContext) -> None:
         """Gradients are populated and the optimizer has not stepped yet."""
