@@ -352,3 +352,34 @@ def test_describe_policy_tabulates_expected_and_realised(store_path):
 def test_sample_grid_draws_a_batch(store_path, tmp_path):
     out = sample_grid(store_path, "train", policy_config(), tmp_path / "grid" / "batch.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scenario_shifts_are_not_in_the_default_mix():
+    from types import SimpleNamespace
+
+    from advpipe.sampler.policy import Policy, scenario_variants
+
+    manifest = SimpleNamespace(variants=[SimpleNamespace(name="fgsm", generator="fgsm"),
+                                         SimpleNamespace(name="rot", generator="b1")])
+    scenario = scenario_variants(manifest)
+    assert scenario == {"rot"}
+    assert Policy.from_config(SamplerConfig(), ["clean", "fgsm", "rot"], scenario).names == ["fgsm"]
+    named = SamplerConfig(weights={"fgsm": 1, "rot": 1})
+    assert Policy.from_config(named, ["clean", "fgsm", "rot"], scenario).names == ["fgsm", "rot"]
+
+
+def test_adaptive_policy_starts_from_the_whole_range():
+    from advpipe.sampler.policy import Policy
+
+    config = SamplerConfig(weights={"noise": [1, 3], "tiny": [1, 3]}, adaptive=True, redraw="sample")
+    policy = Policy.from_config(config, ["clean", "noise", "tiny"])
+    weights = policy.raw_weights(0, np.arange(20000))
+    assert weights.min() < 1.05 and weights.max() > 2.95  # the whole [1, 3], like a non-adaptive policy
+    policy.update({"noise": 1.0, "tiny": 0.0})
+    for _ in range(10):
+        policy.update({"noise": 1.0, "tiny": 0.0})
+        policy.adapt()
+    weights = policy.raw_weights(1, np.arange(20000))
+    assert weights[:, 0].min() >= 1.99 and weights[:, 0].max() <= 3.0   # upper half, still random
+    assert weights[:, 1].min() >= 1.0 and weights[:, 1].max() <= 2.01  # lower half
+    assert weights[:, 0].std() > 0.1

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from advpipe.config import SamplerConfig
 from advpipe.errors import SamplerError
-from advpipe.sampler.policy import Policy, uniforms
+from advpipe.sampler.policy import Policy, scenario_variants, uniforms
 from stores.store import SplitReader, Store, Verify, open_store
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def build_sampler(store: Store, split: str, sampler_config: SamplerConfig, *, ba
     is an error here naming the shard, never in the middle of an epoch. This hashes the whole split once
     (about a second per GB); open with verify='size' to skip it.
     """
-    policy = Policy.from_config(sampler_config, store.variants)
+    policy = Policy.from_config(sampler_config, store.variants, scenario_variants(store.manifest))
     reader = store.split(split)
     for shard in range(len(reader.record.shards)):
         reader.shard(shard)

@@ -73,10 +73,15 @@ class Policy:
         self._hi = np.array([r.hi for r in self.ranges], dtype=np.float64)
 
     @classmethod
-    def from_config(cls, config: SamplerConfig, store_variants: list[str]) -> Policy:
-        """Resolve groups and names against the store's variants; every problem is a SamplerError."""
+    def from_config(cls, config: SamplerConfig, store_variants: list[str],
+                    scenario: set[str] | frozenset[str] = frozenset()) -> Policy:
+        """Resolve groups and names against the store's variants; every problem is a SamplerError.
+
+        `scenario` names variants that are distribution shifts rather than attacks (b1, b2):
+        they are drawn only when `weights` names them, never by the default mix.
+        """
         available = [v for v in store_variants if v != "clean"]
-        ranges = resolve_weights(config, available)
+        ranges = resolve_weights(config, available, scenario)
         if config.ratio.hi > 0 and not ranges:
             raise SamplerError("the policy draws adversarial samples (ratio > 0) but no variant has a weight")
         if ranges and config.ratio.hi > 0 and all(r.hi == 0 for r in ranges.values()):
@@ -107,11 +112,15 @@ class Policy:
         return self._lo + (self._hi - self._lo) * (low + (high - low) * u)
 
     def _window(self) -> tuple[np.ndarray, np.ndarray]:
-        """The part of each range (as fractions of it) that draws come from: all of it unless adaptive."""
+        """The part of each range (as fractions of it) that draws come from.
+
+        All of it unless adaptive. Adaptive: a window of width 1 centred on the centre, cut to
+        [0, 1]; the centre starts at 0.5 (the whole range, as without adaptation) and a window
+        never narrows below half the range, so weights stay random and inside [lo_k, hi_k].
+        """
         if not self.adaptive:
             return np.zeros(len(self.names)), np.ones(len(self.names))
-        half = 0.5 * np.minimum(self.centres, 1 - self.centres)
-        return self.centres - half, self.centres + half
+        return np.clip(self.centres - 0.5, 0.0, 1.0), np.clip(self.centres + 0.5, 0.0, 1.0)
 
     def choose(self, epoch: int, positions: np.ndarray, batch: int = 0,
                failed: np.ndarray | None = None) -> np.ndarray:
@@ -183,8 +192,12 @@ class Policy:
         return result
 
 
-def resolve_weights(config: SamplerConfig, available: list[str]) -> dict[str, Range]:
-    """Expand groups; a variant named directly overrides its group's range. Unknown names are errors."""
+def resolve_weights(config: SamplerConfig, available: list[str],
+                    scenario: set[str] | frozenset[str] = frozenset()) -> dict[str, Range]:
+    """Expand groups; a variant named directly overrides its group's range. Unknown names are errors.
+
+    Without `weights`, every adversarial variant gets weight 1 (scenario shifts are left out).
+    """
     for group, members in config.groups.items():
         if group in available:
             raise SamplerError(f"group '{group}' has the same name as a store variant; rename the group")
@@ -193,7 +206,7 @@ def resolve_weights(config: SamplerConfig, available: list[str]) -> dict[str, Ra
             raise SamplerError(f"group '{group}' names variant(s) the store does not have: {', '.join(missing)} "
                                f"(store has: {', '.join(available) or 'none'})")
     if not config.weights:
-        return {name: Range(lo=1.0, hi=1.0) for name in available}
+        return {name: Range(lo=1.0, hi=1.0) for name in available if name not in scenario}
     ranges: dict[str, Range] = {}
     for key, value in config.weights.items():
         if key in config.groups:
@@ -206,3 +219,11 @@ def resolve_weights(config: SamplerConfig, available: list[str]) -> dict[str, Ra
         if key not in config.groups:
             ranges[key] = value
     return {name: ranges[name] for name in available if name in ranges}
+
+
+SCENARIO_GENERATORS = frozenset({"b1", "b2"})
+
+
+def scenario_variants(manifest) -> frozenset[str]:
+    """A store's variants made by scenario-shift generators (the calibrater's b1/b2), not by attacks."""
+    return frozenset(v.name for v in manifest.variants if v.generator in SCENARIO_GENERATORS)

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, StoreError
 from advpipe.sampler.mapstyle import distributed_layout
-from advpipe.sampler.policy import Policy
+from advpipe.sampler.policy import Policy, scenario_variants
 from stores import codec
 from stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
 from stores.wds import BLOCK, iter_records, sample_key
@@ -101,7 +101,8 @@ class StreamingVariantDataset(IterableDataset):
         self.split = split
         self.shards = self.manifest.splits[split].shards
         self.source.verify_local(self.shards)
-        self.policy = Policy.from_config(self.sampler, ["clean", *self.manifest.variant_names])
+        self.policy = Policy.from_config(self.sampler, ["clean", *self.manifest.variant_names],
+                                         scenario_variants(self.manifest))
         self.rank, self.world_size = distributed_layout(rank, world_size)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive or None, got {batch_size}")

@@ -3,8 +3,10 @@
 A generator is built once per worker process (so an ART classifier wrapper or a
 feature extractor is created once, not per batch), then called on float
 batches in [0, 1]. Randomness comes only from the per-image seeds it is given,
-so an image's variant depends on (config, image, seed), never on batch
-composition, worker count or retries.
+so an image's variant depends on (config, image, seed), never on worker count or
+retries. One exception depends on the batch too: `style` draws its style image
+from the current batch. Batches are fixed slices of a shard (generation.batch_size
+is part of the store fingerprint), so its output is still reproducible.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ class GaussianGenerator(Generator):
     The noise of each image comes from its own generator seeded with the image's seed,
     drawn on the CPU and then moved to the device, so an image's variant is the same
     whatever the batch, the worker or the device (CUDA generators give other numbers).
-    There is one pure-torch implementation; both backend names select it, because a
-    variant's backend defaults to `art`.
+    There is one pure-torch implementation (backend `native`, the default).
     """
 
     params_model: ClassVar[type[GeneratorParams]] = GaussianParams

@@ -81,8 +81,7 @@ def shift_image(image: torch.Tensor, params: ShiftParams, rng: np.random.Generat
 class ShiftGenerator(Generator):
     """Applies `shift_image` to each image with its own seeded generator (no model needed).
 
-    One pure-torch implementation; both backend names select it, because a variant's
-    backend defaults to `art`.
+    One pure-torch implementation (backend `native`, the default).
     """
 
     backends: ClassVar[tuple[str, ...]] = ("native",)  # plain PyTorch
