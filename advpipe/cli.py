@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", default=None,
-                        help="local (a LocalCluster sized to this machine), local:N (N worker processes)")
+                        help="local (one worker process per core), local:N (N worker processes), inline (no "
+                             "Dask, in this process) or slurm (dask-jobqueue, see docs/CLUSTER.md)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--force", action="store_true", help="replace a store made with a different fingerprint")
 
@@ -111,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return _verify(args.store)
 
 
-def _verify(store: Path) -> int:
+def _verify(store: Path, prefix: str = "") -> int:
     """Print the verification result; 0 when the store is sound, 3 (naming each bad shard) when not."""
     from stores import verify_store
 
@@ -119,9 +121,10 @@ def _verify(store: Path) -> int:
     for problem in report.problems:
         print(f"FAIL {problem}", file=sys.stderr)
     if not report.ok:
-        print(f"{store}: {len(report.problems)} problem(s) in {report.shards} shards", file=sys.stderr)
+        print(f"{prefix}{store}: {len(report.problems)} problem(s) in {report.shards} shards; restore the named "
+              "shards from a good copy, or regenerate: `advpipe generate CONFIG --force`", file=sys.stderr)
         return 3
-    print(f"{store}: OK, {report.shards} shards, {report.samples} samples verified")
+    print(f"{prefix}{store}: OK, {report.shards} shards, {report.samples} samples verified")
     return 0
 
 
@@ -152,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stores.inspect import card
 
     config = load_config(args.config)
-    outcome = _generate(args, config)
+    outcome, message = _generate(args, config)
+    print(message)
     print(card(outcome.manifest, Path(config.store.path)))
     return 0
 
@@ -166,14 +170,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if source_model_is_current(config):
-        print(f"[1/3] source model {config.model.checkpoint} is up to date")
+        print(f"[1/3] source model {config.model.checkpoint} is up to date", flush=True)
     else:
-        print("[1/3] ", end="")
-        _train_source(args, config)
-    print("[2/3] ", end="")
-    outcome = _generate(args, config)
-    print("[3/3] ", end="")
-    status = _verify(Path(config.store.path))
+        print(f"[1/3] {_train_source(args, config)}", flush=True)
+    outcome, message = _generate(args, config)
+    print(f"[2/3] {message}", flush=True)
+    status = _verify(Path(config.store.path), prefix="[3/3] ")
     if status == 0:
         print("\n" + card(outcome.manifest, Path(config.store.path)))
     return status
@@ -184,31 +186,31 @@ def _generate(args: argparse.Namespace, config):
 
     outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
     if outcome.status == "up-to-date":
-        print(f"store {config.store.path} is up to date with {args.config}: nothing to do")
-    else:
-        print(f"store {config.store.path} {outcome.status}: {outcome.computed} shard(s) computed, "
-              f"{outcome.reused} reused")
-    return outcome
+        return outcome, f"store {config.store.path} is up to date with {args.config}: nothing to do"
+    return outcome, (f"store {config.store.path} {outcome.status}: {outcome.computed} shard(s) computed, "
+                     f"{outcome.reused} reused")
 
 
-def _train_source(args: argparse.Namespace, config) -> None:
+def _train_source(args: argparse.Namespace, config) -> str:
     from trainers.clean import train_source
 
     path, metrics = train_source(config, device=args.device)
-    print(f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
+    return f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}"
 
 
 @command("train-source")
 def cmd_train_source(args: argparse.Namespace) -> int:
     from advpipe.config import load_config
 
-    _train_source(args, load_config(args.config))
+    print(_train_source(args, load_config(args.config)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:  # Dask reads this when it is first imported; its INFO lines are noise to a user
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:

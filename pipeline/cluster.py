@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 
 from advpipe.config import GenerationConfig, SlurmConfig
@@ -22,12 +23,26 @@ def local_workers(spec: str) -> int:
     if spec == "local":
         return max(1, os.cpu_count() or 1)
     try:
-        count = int(spec.split(":", 1)[1])
+        kind, count = spec.split(":", 1)[0], int(spec.split(":", 1)[1])
     except (IndexError, ValueError):
+        kind, count = spec, 0
+    if kind != "local":
         count = 0
     if count < 1:
         raise ConfigError(f"cluster '{spec}' is not valid: use local, local:N (N >= 1), inline or slurm")
     return count
+
+
+def check_spec(spec: str) -> None:
+    """Refuse a cluster spec that cannot work here, before anything is started or written."""
+    if spec == "inline":
+        return
+    if spec == "slurm":
+        if shutil.which("sbatch") is None:
+            raise ConfigError("--cluster slurm needs SLURM's `sbatch` on this machine's PATH; run the client on a "
+                              "SLURM login node, or use --scheduler ADDRESS / --cluster local:N")
+        return
+    local_workers(spec)
 
 
 @contextlib.contextmanager

@@ -68,27 +68,30 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     """Fill `config.store.path` with every configured variant; see the module docstring."""
     config = absolute_paths(config)
     store_dir = Path(config.store.path)
+    device = str(resolve_device(device or config.device))
+    _check_cluster(config, cluster, scheduler)
     plans = variant_plans(config)
     sources = {split: _read_source(config, split) for split in config.store.splits}
     model_meta = _model_meta(config, plans, sources)
     source_fps = {split: s.fingerprint for split, s in sources.items()}
     base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
     fingerprint = store_fingerprint(base, plans)
-    _check_cluster(config, cluster, scheduler)
     _check_writable(store_dir)
 
     finished = _finished_manifest(store_dir)
-    if finished is not None and finished.fingerprint == fingerprint:
+    if finished is not None and (finished.fingerprint == fingerprint or _covers(finished, base, plans)):
         _check_layout(finished, config)
         _cleanup(store_dir)
-        log.info("%s is up to date (fingerprint %s): nothing to do", store_dir, fingerprint[:12])
+        extra = sorted(set(finished.variant_names) - {p.name for p in plans})
+        log.info("%s is up to date (fingerprint %s)%s: nothing to do", store_dir, finished.fingerprint[:12],
+                 f"; it also holds {', '.join(extra)}" if extra else "")
         return Outcome("up-to-date", finished, 0, 0)
     previous = _previous_for_extension(store_dir, finished, base, plans, config, force)
     previous = _claim(store_dir, fingerprint, force, previous)
 
     job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
                   base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
-                  device=str(resolve_device(device or config.device)),
+                  device=device,
                   reuse_existing=previous is not None, extra={"previous": previous} if previous else {})
     tasks = _plan_tasks(config, sources, plans, previous)
     pending = [t for t in tasks if not _is_done(store_dir, t, fingerprint)]
@@ -141,11 +144,10 @@ def _model_meta(config: Config, plans: list[VariantPlan], sources: dict) -> Any:
 
 def _check_cluster(config: Config, cluster: str | None, scheduler: str | None) -> None:
     """Refuse a bad --cluster spec before the store directory is touched."""
-    spec = cluster or config.generation.cluster
-    if not (scheduler or config.generation.scheduler) and spec not in ("inline", "slurm"):
-        from pipeline.cluster import local_workers
+    if not (scheduler or config.generation.scheduler):
+        from pipeline.cluster import check_spec
 
-        local_workers(spec)
+        check_spec(cluster or config.generation.cluster)
 
 
 def _check_writable(store_dir: Path) -> None:
@@ -197,10 +199,34 @@ def _previous_for_extension(store_dir: Path, finished: Manifest | None, base: st
         return previous
     if not force:
         raise StoreError(f"{store_dir}: a store made with a different configuration exists here "
-                         f"(fingerprint {finished.fingerprint[:12]}); use another store.path, or --force to replace it")
+                         f"({'; '.join(_differences(finished, base, plans))}); use another store.path, "
+                         "or --force to replace it (this discards the store)")
     log.warning("--force: replacing the store at %s", store_dir)
     _wipe(store_dir)
     return None
+
+
+def _covers(finished: Manifest, base: str, plans: list[VariantPlan]) -> bool:
+    """The store already holds every variant of this config, made from the same data and model."""
+    held = {v.name: v.fingerprint for v in finished.variants}
+    return finished.generation.get("base_fingerprint") == base and all(held.get(p.name) == p.fingerprint
+                                                                        for p in plans)
+
+
+def _differences(finished: Manifest, base: str, plans: list[VariantPlan]) -> list[str]:
+    """What separates the config from the store, in words."""
+    held = {v.name: v.fingerprint for v in finished.variants}
+    wanted = {p.name: p.fingerprint for p in plans}
+    found = []
+    if finished.generation.get("base_fingerprint") != base:
+        found.append("source data, model, precision, shard size, seed, batch size or library versions differ")
+    changed = [n for n in wanted if n in held and held[n] != wanted[n]]
+    if changed:
+        found.append(f"variant(s) with other parameters: {', '.join(changed)}")
+    dropped = [n for n in held if n not in wanted]
+    if dropped and found:
+        found.append(f"the store also holds: {', '.join(dropped)}")
+    return found or ["the variant order differs"]
 
 
 def _claim(store_dir: Path, fingerprint: str, force: bool, previous: dict | None) -> dict | None:

@@ -55,7 +55,8 @@ def prepare_directory(path: Path, overwrite: bool) -> None:
     """Refuse to write over a finished store unless asked; never leave a stale manifest behind."""
     if (path / MANIFEST_NAME).exists():
         if not overwrite:
-            raise StoreError(f"{path}: a store already exists here; choose another path or pass overwrite/--force")
+            raise StoreError(f"{path}: a store already exists here; choose another path, or --force to replace it "
+                             "(overwrite=True in Python)")
         (path / MANIFEST_NAME).unlink()
     if path.exists() and overwrite:
         shutil.rmtree(path)

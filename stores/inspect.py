@@ -73,8 +73,10 @@ def grid(store: Store, out: Path, split: str = "train", count: int = 8, amplify:
     names = store.variants
     columns = 1 + 2 * (len(names) - 1)
     figure, axes = plt.subplots(len(indices), columns, figsize=(1.3 * columns, 1.3 * len(indices)), squeeze=False)
+    labels = reader.labels[indices]
     for row in range(len(indices)):
         _show(axes[row][0], clean[row], names[0] if row == 0 else None)
+        axes[row][0].set_ylabel(f"#{indices[row]} {store.manifest.class_names[labels[row]]}", fontsize=7)
         for v, name in enumerate(names[1:], start=1):
             image = reader.read(indices[row : row + 1], v)[0]
             delta = image - clean[row]

@@ -163,8 +163,12 @@ def read_manifest(store_dir: str | Path) -> Manifest:
     store_dir = Path(store_dir)
     path = store_dir / MANIFEST_NAME
     if not store_dir.is_dir():
-        raise StoreError(f"{store_dir}: no such store directory")
+        problem = "not a directory (a store is a directory)" if store_dir.exists() else "no such store directory"
+        raise StoreError(f"{store_dir}: {problem}")
     if not path.is_file():
+        if not (store_dir / ".generation.json").exists():
+            raise StoreError(f"{store_dir}: not a finished store (no {MANIFEST_NAME}), and no generation has "
+                             "started here: is this the store directory? (stores are made by `advpipe generate`)")
         raise StoreError(
             f"{store_dir}: not a finished store (no {MANIFEST_NAME}); it may still be being generated, "
             "or generation was interrupted: re-run `advpipe generate` to complete it"

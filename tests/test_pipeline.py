@@ -182,3 +182,24 @@ def test_statistics_can_be_switched_off(tmp_path, digits_model, reference_store)
     assert fgsm.success_rate is None and fgsm.clean_correct == 0
     assert fgsm.max_linf == pytest.approx(0.1, abs=2e-3)
     assert shard_sums(tmp_path / "store") == shard_sums(reference_store)  # same bytes, fewer figures
+
+
+def test_a_config_that_is_a_subset_of_the_store_is_up_to_date(tmp_path, digits_model):
+    generate(config_at(tmp_path, digits_model), progress=False)
+    subset = generate(config_at(tmp_path, digits_model, variants={"fgsm": {"eps": 0.1}}), progress=False)
+    assert subset.status == "up-to-date" and subset.manifest.variant_names == ["gaussian", "fgsm"]
+    other = config_at(tmp_path, digits_model, variants={"fgsm": {"eps": 0.2}})
+    with pytest.raises(StoreError, match="other parameters: fgsm"):
+        generate(other, progress=False)
+
+
+@pytest.mark.parametrize("cluster,device,message", [
+    ("lokal:2", None, "lokal:2"),
+    ("slurm", None, "sbatch"),
+    ("inline", "cuda:3", "cuda"),
+])
+def test_bad_cluster_or_device_is_refused_before_anything_is_written(tmp_path, digits_model, cluster, device,
+                                                                      message):
+    with pytest.raises(ConfigError, match=message):
+        generate(config_at(tmp_path, digits_model), cluster=cluster, device=device, progress=False)
+    assert not (tmp_path / "store").exists()
