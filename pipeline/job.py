@@ -78,7 +78,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     fingerprint = store_fingerprint(base, plans)
     _check_writable(store_dir)
 
-    finished = _finished_manifest(store_dir)
+    finished = _finished_manifest(store_dir, force)
     if finished is not None and (finished.fingerprint == fingerprint or _covers(finished, base, plans)):
         _check_layout(finished, config)
         _cleanup(store_dir)
@@ -161,12 +161,20 @@ def _check_writable(store_dir: Path) -> None:
                          "choose a writable store.path") from None
 
 
-def _finished_manifest(store_dir: Path) -> Manifest | None:
+def _finished_manifest(store_dir: Path, force: bool) -> Manifest | None:
+    """The store already here, if any; with --force an unreadable one (old format, damaged) is discarded."""
     if not (store_dir / MANIFEST_NAME).exists():
         return None
     from stores.manifest import read_manifest
 
-    return read_manifest(store_dir)
+    try:
+        return read_manifest(store_dir)
+    except StoreError:
+        if not force:
+            raise
+        log.warning("--force: discarding the unreadable store at %s", store_dir)
+        _wipe(store_dir)
+        return None
 
 
 def _check_layout(manifest: Manifest, config: Config) -> None:

@@ -203,3 +203,14 @@ def test_bad_cluster_or_device_is_refused_before_anything_is_written(tmp_path, d
     with pytest.raises(ConfigError, match=message):
         generate(config_at(tmp_path, digits_model), cluster=cluster, device=device, progress=False)
     assert not (tmp_path / "store").exists()
+
+
+def test_force_replaces_an_unreadable_store(tmp_path, digits_model):
+    config = config_at(tmp_path, digits_model)
+    generate(config, progress=False)
+    manifest_path = tmp_path / "store" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(StoreError, match="version 1"):
+        generate(config, progress=False)
+    assert generate(config, force=True, progress=False).status == "created"
+    assert verify_store(tmp_path / "store").ok
