@@ -163,7 +163,6 @@ class Config(Section):
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"
-    workdir: Path = Path("runs")
     source: SourceConfig = SourceConfig()
     model: ModelConfig = ModelConfig()
     train_source: OptimConfig = OptimConfig()
@@ -194,10 +193,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    return config_from_dict(raw, origin=str(path), base_dir=path.parent)
+    return config_from_dict(raw, origin=str(path))
 
 
-def config_from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None) -> Config:
+def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
     """Validate a plain dict (e.g. built in Python) exactly as a YAML file would be."""
     try:
         config = Config.model_validate(raw)

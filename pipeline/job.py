@@ -92,7 +92,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
                   base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
                   device=device,
-                  reuse_existing=previous is not None, extra={"previous": previous} if previous else {})
+                  extra={"previous": previous} if previous else {})
     tasks = _plan_tasks(config, sources, plans, previous)
     pending = [t for t in tasks if not _is_done(store_dir, t, fingerprint)]
     log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))

@@ -8,7 +8,7 @@ shard id, never on the workers that happen to compute it.
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,11 +58,7 @@ class JobSpec:
     base_fingerprint: str
     model_fingerprint: str | None
     device: str
-    reuse_existing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "variants": [asdict(v) for v in self.variants]}
 
 
 def variant_plans(config: Config) -> list[VariantPlan]:

@@ -84,25 +84,24 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
     source = load_source(config.source, task.split)
     clean = np.ascontiguousarray(source.images[task.start : task.stop].transpose(0, 3, 1, 2))
     labels = np.array(source.labels[task.start : task.stop])  # writable copy for torch
-    shard = ShardData(split=task.split, start=task.start, ids=np.arange(task.start, task.stop), labels=labels,
-                      clean=clean)
+    stored, failed, tallies = {}, {}, {}
     existing = _existing_shard(config, task, job) if len(task.compute) < len(job.variants) else None
     clean_float = codec.to_float(clean)
     clean_pred = _predict(ctx, clean_float)
-    tallies = {}
     for plan in job.variants:
-        if plan.name in task.compute:
-            variant = _generate(ctx, plan, task, clean_float, labels)
-            encoded = codec.encode(clean, variant, config.store.precision)
-            stored, failed, error = encoded.stored, encoded.failed, encoded.max_abs_error
-        else:
-            stored, failed = existing.stored[plan.name], existing.failed[plan.name]
-            error = job.extra["previous"]["errors"][task.split][plan.name]
-        shard.stored[plan.name], shard.failed[plan.name] = stored, failed
-        decoded = codec.decode(clean, stored, config.store.precision)
-        tallies[plan.name] = Tally.measure(clean_float, decoded, failed, error, clean_pred,
-                                           _predict(ctx, decoded), labels)
-    shard.__post_init__()
+        name = plan.name
+        if name in task.compute:
+            encoded = codec.encode(clean, _generate(ctx, plan, task, clean_float, labels), config.store.precision)
+            stored[name], failed[name], error, decoded = (encoded.stored, encoded.failed, encoded.max_abs_error,
+                                                          encoded.decoded)
+        else:  # reused from the store being extended
+            stored[name], failed[name] = existing.stored[name], existing.failed[name]
+            error = job.extra["previous"]["errors"][task.split][name]
+            decoded = codec.decode(clean, stored[name], config.store.precision)
+        tallies[name] = Tally.measure(clean_float, decoded, failed[name], error, clean_pred, _predict(ctx, decoded),
+                                      labels)
+    shard = ShardData(split=task.split, start=task.start, ids=np.arange(task.start, task.stop), labels=labels,
+                      clean=clean, stored=stored, failed=failed)
     fault_point("mid-shard")
     record = write_shard(Path(config.store.path), task.name, shard, config.store.backend, config.store.compression)
     progress = {"fingerprint": job.fingerprint, "record": record.model_dump(),

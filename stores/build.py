@@ -39,15 +39,12 @@ class SplitArrays:
 def encode_shard(split: str, start: int, clean: np.ndarray, labels: np.ndarray,
                  variants: dict[str, np.ndarray], precision: str) -> tuple[ShardData, dict[str, Tally]]:
     """Encode one shard's float variants and tally what the encoding kept."""
-    shard = ShardData(split=split, start=start, ids=np.arange(start, start + len(clean)), labels=labels, clean=clean)
-    tallies = {}
     clean_float = codec.to_float(clean)
-    for name, array in variants.items():
-        encoded = codec.encode(clean, array, precision)
-        shard.stored[name], shard.failed[name] = encoded.stored, encoded.failed
-        decoded = codec.decode(clean, encoded.stored, precision)
-        tallies[name] = Tally.measure(clean_float, decoded, encoded.failed, encoded.max_abs_error)
-    shard.__post_init__()
+    encoded = {name: codec.encode(clean, array, precision) for name, array in variants.items()}
+    shard = ShardData(split=split, start=start, ids=np.arange(start, start + len(clean)), labels=labels, clean=clean,
+                      stored={n: e.stored for n, e in encoded.items()},
+                      failed={n: e.failed for n, e in encoded.items()})
+    tallies = {n: Tally.measure(clean_float, e.decoded, e.failed, e.max_abs_error) for n, e in encoded.items()}
     return shard, tallies
 
 

@@ -29,6 +29,7 @@ class Encoded:
     stored: np.ndarray
     failed: np.ndarray  # bool (n,): the generator gave NaN/inf for these images
     max_abs_error: float
+    decoded: np.ndarray  # what a reader gets back (statistics are measured on it)
 
 
 def to_float(clean: np.ndarray) -> np.ndarray:
@@ -51,8 +52,9 @@ def encode(clean: np.ndarray, variant: np.ndarray, precision: str) -> Encoded:
         stored = np.rint(variant * 255.0).astype(np.uint8)
     else:
         stored = (variant - base).astype(STORED_DTYPE[precision])
-    error = np.abs(decode(clean, stored, precision) - variant)
-    return Encoded(stored=stored, failed=failed, max_abs_error=float(error.max(initial=0.0)))
+    decoded = decode(clean, stored, precision)
+    error = np.abs(decoded - variant)
+    return Encoded(stored=stored, failed=failed, max_abs_error=float(error.max(initial=0.0)), decoded=decoded)
 
 
 def decode(clean: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:

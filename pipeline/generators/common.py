@@ -64,11 +64,6 @@ def gradients_on(model: nn.Module | None = None) -> Iterator[None]:
                 p.requires_grad_(True)
 
 
-def l2_norms(delta: torch.Tensor) -> torch.Tensor:
-    """Per-image L2 norm of a batch of perturbations."""
-    return delta.flatten(1).norm(dim=1)
-
-
 def seed_list(x: torch.Tensor, seeds: np.ndarray) -> list[int]:
     """The per-image seeds as Python ints, checked against the batch size."""
     if len(seeds) != len(x):
