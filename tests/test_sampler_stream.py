@@ -307,3 +307,40 @@ def test_http_corrupt_or_missing_shard_is_an_integrity_error(http_root: str, sto
             list(dataset)
     finally:
         path.write_bytes(intact)
+
+
+def test_stream_resumes_mid_epoch_in_a_new_process(stores: dict[str, Path], tmp_path: Path) -> None:
+    """Consume 3 batches, save, resume in a fresh process: the rest of the epoch and its counts are identical."""
+    config = SamplerConfig(ratio=[0.3, 0.7], seed=5)
+
+    def loader():
+        return make_stream_loader(stores["many"], "train", config, batch_size=8, num_workers=2)
+
+    full = [batch["index"].tolist() for batch in loader()]
+    first = loader()
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    (tmp_path / "state.json").write_text(json.dumps(first.state_dict()))
+    script = tmp_path / "resume.py"
+    script.write_text(f"""
+import json, sys
+from advpipe.config import SamplerConfig
+from advpipe.sampler.streaming import make_stream_loader
+loader = make_stream_loader({str(stores["many"])!r}, "train", SamplerConfig(ratio=[0.3, 0.7], seed=5), batch_size=8,
+                            num_workers=2)
+loader.load_state_dict(json.loads(open({str(tmp_path / "state.json")!r}).read()))
+rest = [batch["index"].tolist() for batch in loader]
+print(json.dumps({{"rest": rest, "metrics": loader.metrics()}}))
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True)
+    resumed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert resumed["rest"] == full[3:]
+    complete = loader()
+    for _ in complete:
+        pass
+    assert resumed["metrics"] == complete.metrics()
+    assert sum(v for k, v in complete.metrics().items() if k != "sampler/adversarial_fraction") == COUNT
+    other = make_stream_loader(stores["many"], "train", config, batch_size=8, num_workers=1)
+    with pytest.raises(SamplerError, match="layout"):
+        other.load_state_dict(first.state_dict())

@@ -54,7 +54,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from advpipe.config import SamplerConfig
-from advpipe.errors import IntegrityError, StoreError
+from advpipe.errors import IntegrityError, SamplerError, StoreError
 from advpipe.sampler.mapstyle import distributed_layout
 from advpipe.sampler.policy import Policy, scenario_variants
 from stores import codec
@@ -620,14 +620,24 @@ class StreamLoader:
     The epoch advances when a pass runs to its end; each epoch starts by applying the
     policy's pending adaptive updates (`update`) in this process, before DataLoader
     workers start and copy the dataset, so every worker draws with the same policy.
+
+    Resuming: the stream's order is a pure function of (seed, epoch, rank, world size,
+    num_workers), so `load_state_dict` replays the epoch and drops the batches the
+    consumer had already received; the rest is identical to an uninterrupted run. The
+    saved layout must match: a state from another layout is refused.
     """
 
     def __init__(self, dataset: StreamingVariantDataset, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = dataset
+        self.num_workers = num_workers
         self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                                      pin_memory=pin_memory)
         self.epoch = dataset.epoch
         self._adapted_epoch: int | None = None
+        self._names = ["clean", *dataset.manifest.variant_names]
+        self._counts = np.zeros(len(self._names), dtype=np.int64)
+        self._consumed = 0
+        self._skip = 0
 
     @property
     def policy(self) -> Policy:
@@ -640,12 +650,50 @@ class StreamLoader:
         """Per-variant error rates or losses for adaptive mode; they take effect at the next epoch."""
         self.policy.update(errors)
 
+    @property
+    def epoch_counts(self) -> dict[str, int]:
+        """Realised draws per variant in the epoch under way (or the last one finished)."""
+        return dict(zip(self._names, self._counts.tolist(), strict=True))
+
+    def metrics(self) -> dict[str, float]:
+        """For a trainer's metrics: `sampler/<variant>` counts and `sampler/adversarial_fraction`."""
+        total = self._counts.sum()
+        return {**{f"sampler/{name}": count for name, count in self.epoch_counts.items()},
+                "sampler/adversarial_fraction": float(self._counts[1:].sum() / total) if total else 0.0}
+
+    def _layout(self) -> dict:
+        return {"seed": self.policy.seed, "rank": self.dataset.rank, "world_size": self.dataset.world_size,
+                "num_workers": self.num_workers, "batch_size": self.dataset.batch_size}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable: epoch, batches the consumer received, policy state, this epoch's counts, layout."""
+        return {"epoch": self.epoch, "batches_consumed": self._consumed, "adapted_epoch": self._adapted_epoch,
+                "policy": self.policy.state_dict(), "counts": self._counts.tolist(), "layout": self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self._layout():
+            raise SamplerError(f"cannot resume: the saved stream layout {state['layout']} differs from this "
+                               f"loader's {self._layout()}")
+        self.epoch, self._adapted_epoch = int(state["epoch"]), state["adapted_epoch"]
+        self.policy.load_state_dict(state["policy"])
+        self._skip = self._consumed = int(state["batches_consumed"])
+        self._counts = np.array(state["counts"], dtype=np.int64)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._adapted_epoch != self.epoch:
             self.policy.adapt()
             self._adapted_epoch = self.epoch
+        if not self._skip:
+            self._counts[:], self._consumed = 0, 0
         self.dataset.set_epoch(self.epoch)
-        yield from self.dataloader
+        for index, batch in enumerate(self.dataloader):
+            if index < self._skip:
+                continue
+            self._counts += np.bincount(np.atleast_1d(batch["variant"].numpy()), minlength=len(self._names))
+            self._consumed += 1
+            yield batch
+        self._skip = 0
+        log.info("epoch %d sampler counts: %s", self.epoch, self.epoch_counts)
         self.epoch += 1
 
 
