@@ -94,8 +94,8 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
 
 @command("inspect")
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from stores import open_store
-    from stores.inspect import card, grid
+    from advpipe.stores import open_store
+    from advpipe.stores.inspect import card, grid
 
     store = open_store(args.store, verify="size")
     print(card(store.manifest, store.path))
@@ -106,7 +106,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("verify")
 def cmd_verify(args: argparse.Namespace) -> int:
-    from stores.manifest import MANIFEST_NAME, read_manifest
+    from advpipe.stores.manifest import MANIFEST_NAME, read_manifest
 
     if not (args.store / MANIFEST_NAME).is_file():
         read_manifest(args.store)  # raises: no directory or an unfinished store is bad input (2), not corruption (3)
@@ -115,7 +115,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify(store: Path, prefix: str = "") -> int:
     """Print the verification result; 0 when the store is sound, 3 (naming each bad shard) when not."""
-    from stores import verify_store
+    from advpipe.stores import verify_store
 
     report = verify_store(store, progress=sys.stderr.isatty())
     for problem in report.problems:
@@ -142,7 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 @command("convert")
 def cmd_convert(args: argparse.Namespace) -> int:
-    from stores import convert_store
+    from advpipe.stores import convert_store
 
     manifest = convert_store(args.source, args.target, args.backend, args.compression, overwrite=args.force)
     print(f"{args.target}: {manifest.backend} store written ({sum(s.count for s in manifest.splits.values())} images)")
@@ -152,7 +152,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @command("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     from advpipe.config import load_config
-    from stores.inspect import card
+    from advpipe.stores.inspect import card
 
     config = load_config(args.config)
     outcome, message = _generate(args, config)
@@ -165,8 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job; each step is skipped when its output is already up to date."""
     from advpipe.config import load_config
-    from stores.inspect import card
-    from trainers.clean import source_model_is_current
+    from advpipe.stores.inspect import card
+    from advpipe.trainers.clean import source_model_is_current
 
     config = load_config(args.config)
     if source_model_is_current(config):
@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, config):
-    from pipeline.job import generate
+    from advpipe.pipeline.job import generate
 
     outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
     if outcome.status == "up-to-date":
@@ -192,7 +192,7 @@ def _generate(args: argparse.Namespace, config):
 
 
 def _train_source(args: argparse.Namespace, config) -> str:
-    from trainers.clean import train_source
+    from advpipe.trainers.clean import train_source
 
     path, metrics = train_source(config, device=args.device)
     return f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}"

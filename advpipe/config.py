@@ -207,7 +207,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
 
 
 def _validate_variants(config: Config, origin: str) -> None:
-    from pipeline.generators import validate_variant  # light import: no ART
+    from advpipe.pipeline.generators import validate_variant  # light import: no ART
 
     for name, variant in config.variants.items():
         try:

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from advpipe.config import config_from_dict
 from advpipe.datasets import load_source
-from pipeline.generators import generator_class
-from pipeline.generators.art_support import art_classifier
-from pipeline.job import absolute_paths, generate
-from pipeline.plan import JobSpec, ShardTask, variant_plans
-from pipeline.worker import run_shard
-from trainers.clean import train_source
+from advpipe.pipeline.generators import generator_class
+from advpipe.pipeline.generators.art_support import art_classifier
+from advpipe.pipeline.job import absolute_paths, generate
+from advpipe.pipeline.plan import JobSpec, ShardTask, variant_plans
+from advpipe.pipeline.worker import run_shard
+from advpipe.trainers.clean import train_source
 
 BATCH = 128
 ATTACKS = {

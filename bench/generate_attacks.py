@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpipe.config import VariantConfig
-from pipeline.generators import generator_class, validate_variant
+from advpipe.pipeline.generators import generator_class, validate_variant
 
 # (label, generator, params shared by both backends, extra params for the native run)
 CASES = [

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from advpipe.config import SamplerConfig, config_from_dict
-from stores import SplitArrays, build_store
+from advpipe.stores import SplitArrays, build_store
 
 MiB = 2**20
 
@@ -87,8 +87,8 @@ def sampler_runs(root: Path, total: int) -> None:
 def generation_run(root: Path, images: int) -> None:
     from distributed import Client, LocalCluster
 
-    from pipeline.job import generate
-    from trainers.clean import train_source
+    from advpipe.pipeline.job import generate
+    from advpipe.trainers.clean import train_source
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (images, 16, 16), dtype=np.uint8)

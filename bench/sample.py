@@ -35,8 +35,8 @@ from PIL import Image
 from advpipe.config import SamplerConfig
 from advpipe.sampler.mapstyle import make_loader
 from advpipe.sampler.streaming import make_stream_loader
-from stores import SplitArrays, build_store, convert_store
-from stores.codec import to_float
+from advpipe.stores import SplitArrays, build_store, convert_store
+from advpipe.stores.codec import to_float
 
 SHAPE = (3, 32, 32)
 TARGETS = {"HDF5 map-style, 0 workers": ("in-memory", 0.5),

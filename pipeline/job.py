@@ -34,8 +34,7 @@ from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError, GenerationError, StoreError
 from advpipe.faults import fault_point
 from advpipe.io import atomic_write_json, sha256_file
-from advpipe.provenance import library_versions
-from pipeline.plan import (
+from advpipe.pipeline.plan import (
     JobSpec,
     ShardTask,
     VariantPlan,
@@ -44,10 +43,11 @@ from pipeline.plan import (
     store_fingerprint,
     variant_plans,
 )
-from pipeline.worker import PROGRESS_DIR, progress_path, run_shard
-from stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardRecord, SplitRecord, VariantRecord
-from stores.stats import Tally, merge_all
-from stores.store import write_manifest
+from advpipe.pipeline.worker import PROGRESS_DIR, progress_path, run_shard
+from advpipe.provenance import library_versions
+from advpipe.stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardRecord, SplitRecord, VariantRecord
+from advpipe.stores.stats import Tally, merge_all
+from advpipe.stores.store import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _model_meta(config: Config, plans: list[VariantPlan], sources: dict) -> Any:
 def _check_cluster(config: Config, cluster: str | None, scheduler: str | None) -> None:
     """Refuse a bad --cluster spec before the store directory is touched."""
     if not (scheduler or config.generation.scheduler):
-        from pipeline.cluster import check_spec
+        from advpipe.pipeline.cluster import check_spec
 
         check_spec(cluster or config.generation.cluster)
 
@@ -165,7 +165,7 @@ def _finished_manifest(store_dir: Path, force: bool) -> Manifest | None:
     """The store already here, if any; with --force an unreadable one (old format, damaged) is discarded."""
     if not (store_dir / MANIFEST_NAME).exists():
         return None
-    from stores.manifest import read_manifest
+    from advpipe.stores.manifest import read_manifest
 
     try:
         return read_manifest(store_dir)
@@ -314,7 +314,7 @@ def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | No
         return
     from distributed import as_completed
 
-    from pipeline.cluster import dask_client
+    from advpipe.pipeline.cluster import dask_client
 
     with dask_client(config.generation, cluster, scheduler) as client:
         keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}" for t in tasks]

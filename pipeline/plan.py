@@ -15,9 +15,9 @@ import numpy as np
 
 from advpipe.config import Config
 from advpipe.io import sha256_json
+from advpipe.pipeline.generators import generator_class, generator_name, validate_variant, variant_backend
 from advpipe.provenance import library_versions
-from pipeline.generators import generator_class, generator_name, validate_variant, variant_backend
-from stores.store import shard_name
+from advpipe.stores.store import shard_name
 
 SPLIT_CODES = {"train": 1, "test": 2}
 

@@ -21,16 +21,16 @@ from advpipe.datasets import load_source
 from advpipe.errors import GenerationError, IntegrityError
 from advpipe.faults import fault_point
 from advpipe.io import atomic_write_json, sha256_json
-from pipeline.generators import generator_class
-from pipeline.generators.base import Generator
-from pipeline.plan import JobSpec, ShardTask, VariantPlan, image_seeds
-from stores import codec
-from stores.hdf5 import HDF5Shard
-from stores.manifest import ShardRecord
-from stores.shard import ShardData
-from stores.stats import Tally
-from stores.store import check_shard, write_shard
-from stores.wds import WdsShard
+from advpipe.pipeline.generators import generator_class
+from advpipe.pipeline.generators.base import Generator
+from advpipe.pipeline.plan import JobSpec, ShardTask, VariantPlan, image_seeds
+from advpipe.stores import codec
+from advpipe.stores.hdf5 import HDF5Shard
+from advpipe.stores.manifest import ShardRecord
+from advpipe.stores.shard import ShardData
+from advpipe.stores.stats import Tally
+from advpipe.stores.store import check_shard, write_shard
+from advpipe.stores.wds import WdsShard
 
 log = logging.getLogger(__name__)
 

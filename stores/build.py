@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from advpipe.errors import StoreError
 from advpipe.io import sha256_json
 from advpipe.provenance import library_versions
-from stores import codec
-from stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, SplitRecord, VariantRecord
-from stores.shard import ShardData
-from stores.stats import Tally, merge_all
-from stores.store import Store, shard_name, write_manifest, write_shard
+from advpipe.stores import codec
+from advpipe.stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, SplitRecord, VariantRecord
+from advpipe.stores.shard import ShardData
+from advpipe.stores.stats import Tally, merge_all
+from advpipe.stores.store import Store, shard_name, write_manifest, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def build_store(path: str | Path, splits: dict[str, SplitArrays], *, class_names
         format_version=FORMAT_VERSION, fingerprint=sha256_json(content), backend=backend, precision=precision,
         compression=compression, image_shape=tuple(shape), class_names=list(class_names), seed=seed,
         source=source or {}, model=model, library_versions=library_versions(), variants=variants,
-        splits=records, created_by="stores.build_store",
+        splits=records, created_by="advpipe.stores.build_store",
     )
     write_manifest(path, manifest)
     return manifest

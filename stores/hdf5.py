@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from advpipe.errors import IntegrityError
-from stores.shard import ShardData
+from advpipe.stores.shard import ShardData
 
 CHUNK_SAMPLES = 64
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stores.manifest import Manifest
-from stores.store import Store
+from advpipe.stores.manifest import Manifest
+from advpipe.stores.store import Store
 
 
 def card(manifest: Manifest, path: Path) -> str:

@@ -12,7 +12,7 @@ class ShardData:
     """A fixed range [start, start + n) of one split, with every variant in its stored form.
 
     `clean` is uint8 (n, C, H, W); `stored[name]` is the variant as the precision
-    mode keeps it (stores.codec); `failed[name]` flags images whose generator failed.
+    mode keeps it (advpipe.stores.codec); `failed[name]` flags images whose generator failed.
     Dict order is the manifest's variant order.
     """
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stores.manifest import VariantStats
+from advpipe.stores.manifest import VariantStats
 
 
 @dataclass

@@ -20,9 +20,9 @@ import numpy as np
 from advpipe.errors import IntegrityError, StoreError
 from advpipe.faults import fault_point
 from advpipe.io import atomic_path, sha256_file
-from stores import codec, hdf5, wds
-from stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest
-from stores.shard import ShardData
+from advpipe.stores import codec, hdf5, wds
+from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest
+from advpipe.stores.shard import ShardData
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from advpipe.errors import AdvpipeError
-from stores.codec import STORED_DTYPE
-from stores.manifest import read_manifest
-from stores.store import Store, check_shard
+from advpipe.stores.codec import STORED_DTYPE
+from advpipe.stores.manifest import read_manifest
+from advpipe.stores.store import Store, check_shard
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from advpipe.errors import IntegrityError
-from stores.shard import ShardData
+from advpipe.stores.shard import ShardData
 
 BLOCK = 512
 REGULAR = (b"0", b"\0")

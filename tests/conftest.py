@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.generators.base import Generator
-from stores import SplitArrays, build_store
+from advpipe.pipeline.generators.base import Generator
+from advpipe.stores import SplitArrays, build_store
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -73,7 +73,7 @@ def digits_config(root: Path, *, variants: dict | None = None, limit: int | None
 def digits_model(tmp_path_factory) -> Path:
     """A LeNet trained on digits 16x16 (all images), shared by the generation tests."""
     from advpipe.config import config_from_dict
-    from trainers.clean import train_source
+    from advpipe.trainers.clean import train_source
 
     root = tmp_path_factory.mktemp("digits-model")
     config = config_from_dict(digits_config(root, limit=None))
@@ -109,7 +109,7 @@ def shard_sums(store: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reference_store(tmp_path_factory, digits_model) -> Path:
     """An uninterrupted inline run: the store every other run of the same config must reproduce byte for byte."""
-    from pipeline.job import generate
+    from advpipe.pipeline.job import generate
 
     root = tmp_path_factory.mktemp("reference")
     generate(config_at(root, digits_model), progress=False)

@@ -42,10 +42,10 @@ from advpipe.errors import (
 )
 from advpipe.models import build_model, save_checkpoint
 from advpipe.models.checkpoint import CHECKPOINT_FORMAT
+from advpipe.pipeline.job import generate
 from advpipe.sampler import make_loader
-from pipeline.job import generate
-from stores import convert_store
-from trainers.clean import train_source
+from advpipe.stores import convert_store
+from advpipe.trainers.clean import train_source
 
 ADVPIPE = str(Path(sys.executable).parent / "advpipe")
 DIGITS = [str(digit) for digit in range(10)]

@@ -20,8 +20,8 @@ from conftest import config_at, dask_processes, digits_config, shard_sums, write
 
 from advpipe.config import SamplerConfig, config_from_dict
 from advpipe.errors import IntegrityError, StoreError
-from pipeline.job import generate
-from stores import open_store, verify_store
+from advpipe.pipeline.job import generate
+from advpipe.stores import open_store, verify_store
 
 BIN = Path(sys.executable).parent
 POINTS = ["source-read", "mid-shard", "between-shards", "manifest-write", "after-manifest"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import CLASSES, make_arrays
 
-from stores import SplitArrays, build_store, open_store
+from advpipe.stores import SplitArrays, build_store, open_store
 
 # --------------------------------------------------------------------------------------------------
 # Independent reader (docs/FORMAT.md only)

@@ -21,10 +21,10 @@ from torch import nn
 
 from advpipe.config import VariantConfig, config_from_dict
 from advpipe.errors import ConfigError
-from pipeline.generators import REGISTRY, generator_class, validate_variant, variant_backend
-from pipeline.generators.base import Generator
-from pipeline.generators.common import finalize
-from pipeline.generators.style import choose_styles
+from advpipe.pipeline.generators import REGISTRY, generator_class, validate_variant, variant_backend
+from advpipe.pipeline.generators.base import Generator
+from advpipe.pipeline.generators.common import finalize
+from advpipe.pipeline.generators.style import choose_styles
 
 SIZE = 16
 N = 32
@@ -358,7 +358,7 @@ def test_defaults_match_methods() -> None:
 
 def test_validating_a_config_does_not_import_art() -> None:
     code = ("import sys; from advpipe.config import VariantConfig; "
-            "from pipeline.generators import validate_variant, REGISTRY; "
+            "from advpipe.pipeline.generators import validate_variant, REGISTRY; "
             "[validate_variant(n, VariantConfig()) for n in REGISTRY]; "
             "assert 'art' not in sys.modules, 'art imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

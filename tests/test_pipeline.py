@@ -18,8 +18,8 @@ from conftest import config_at, dask_processes, digits_config, shard_sums
 from advpipe.config import config_from_dict
 from advpipe.errors import ConfigError, ModelError, StoreError
 from advpipe.models.checkpoint import load_checkpoint
-from pipeline.job import generate
-from stores import open_store, verify_store
+from advpipe.pipeline.job import generate
+from advpipe.stores import open_store, verify_store
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -114,7 +114,7 @@ def test_real_scheduler_and_two_worker_processes(tmp_path, digits_model, referen
 
 def test_slurm_job_script(tmp_path):
     from advpipe.config import SlurmConfig
-    from pipeline.cluster import slurm_cluster
+    from advpipe.pipeline.cluster import slurm_cluster
 
     slurm = SlurmConfig(queue="gpu", account="advlab", cores=8, processes=4, memory="32GB", walltime="04:00:00",
                         job_extra_directives=["--gres=gpu:1"], job_script_prologue=["module load cuda"])
@@ -161,7 +161,7 @@ def test_unwritable_store_directory(tmp_path, digits_model):
 
 
 def test_generator_nan_is_recorded_as_failure_not_stored(tmp_path, digits_model, monkeypatch):
-    from pipeline.generators import REGISTRY
+    from advpipe.pipeline.generators import REGISTRY
 
     monkeypatch.setitem(REGISTRY, "flaky", "conftest:FlakyGenerator")
     outcome = generate(config_at(tmp_path, digits_model, variants={"flaky": {}}), progress=False)

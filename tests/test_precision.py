@@ -9,8 +9,8 @@ import torch
 from advpipe.config import SourceConfig, VariantConfig
 from advpipe.datasets import load_source
 from advpipe.models.checkpoint import load_checkpoint
-from pipeline.generators import generator_class, validate_variant, variant_backend
-from stores import codec
+from advpipe.pipeline.generators import generator_class, validate_variant, variant_backend
+from advpipe.stores import codec
 
 
 def success(model, x: np.ndarray, y: np.ndarray, correct: np.ndarray) -> float:

@@ -20,7 +20,7 @@ from advpipe.errors import ConfigError, IntegrityError, SamplerError
 from advpipe.sampler.mapstyle import StoreLoader, build_sampler, make_loader
 from advpipe.sampler.policy import Policy
 from advpipe.sampler.report import describe_policy, sample_grid
-from stores import build_store, open_store
+from advpipe.stores import build_store, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 RANGED = {"noise": [0.5, 2.0], "tiny": [1.0, 3.0]}

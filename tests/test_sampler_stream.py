@@ -31,7 +31,7 @@ from advpipe.sampler.streaming import (
     rebatch,
     shuffle_chunks,
 )
-from stores import build_store, open_store, read_manifest
+from advpipe.stores import build_store, open_store, read_manifest
 
 COUNT = 70
 MIXED = SamplerConfig(ratio=(0.6, 0.6), seed=3)

@@ -17,9 +17,9 @@ import webdataset
 from conftest import CLASSES, make_arrays, write_test_store
 
 from advpipe.errors import IntegrityError, StoreError
-from stores import SplitArrays, build_store, convert_store, open_store, verify_store
-from stores.manifest import MANIFEST_NAME
-from stores.wds import iter_members
+from advpipe.stores import SplitArrays, build_store, convert_store, open_store, verify_store
+from advpipe.stores.manifest import MANIFEST_NAME
+from advpipe.stores.wds import iter_members
 
 
 def tree_digest(path: Path) -> dict[str, tuple[str, float]]:

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from advpipe.batch import Batch
 from advpipe.config import Config, OptimConfig, config_from_dict
 from advpipe.models import check_compatible, load_checkpoint
-from trainers.clean import CleanMethod, train_source
-from trainers.loop import Method, StepContext, TrainingError, evaluate, fit
+from advpipe.trainers.clean import CleanMethod, train_source
+from advpipe.trainers.loop import Method, StepContext, TrainingError, evaluate, fit
 
 # A short schedule that still learns digits well (suggested configs/digits.yaml values, fewer epochs).
 DIGITS_OPTIM = {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "batch_size": 32, "epochs": 5}
@@ -35,7 +36,7 @@ def separable(n: int = 256, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 4, 4, generator=generator)
     y = (x[..., :2].mean(dim=(1, 2, 3)) > x[..., 2:].mean(dim=(1, 2, 3))).long()
-    return TensorDataset(x, y, torch.arange(n))  # a third element stands in for the sampler's extras
+    return TensorDataset(x, y, torch.arange(n))
 
 
 def tiny_model() -> nn.Module:
@@ -43,8 +44,14 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
 
 
+def as_batch(items: list[tuple[Tensor, Tensor, Tensor]]) -> Batch:
+    x, y, index = (torch.stack(column) for column in zip(*items, strict=True))
+    return Batch.clean(x, y, index)
+
+
 def loader(dataset: TensorDataset, shuffle: bool = True) -> DataLoader:
-    return DataLoader(dataset, batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(0),
+                      collate_fn=as_batch)
 
 
 def test_loop_reduces_loss_on_a_separable_problem() -> None:
@@ -73,14 +80,13 @@ class Recorder(Method):
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         self.calls.append(f"epoch_start {epoch}")
 
-    def training_step(self, model: nn.Module, batch: tuple,
+    def training_step(self, model: nn.Module, batch: Batch,
                       ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
-        x, y, ids = batch
-        self.extras.append(ids)
+        self.extras.append(batch.index)
         assert model.training and ctx.optimizer is not None
-        return F.cross_entropy(model(x), y), {"custom": 2.0}
+        return F.cross_entropy(model(batch.x), batch.y), {"custom": 2.0}
 
-    def after_backward(self, model: nn.Module, batch: tuple, ctx: StepContext) -> None:
+    def after_backward(self, model: nn.Module, batch: Batch, ctx: StepContext) -> None:
         assert all(p.grad is not None for p in model.parameters())
         self.calls.append("after_backward")
 
@@ -108,7 +114,7 @@ def test_hooks_run_in_order_and_extras_pass_through() -> None:
 class Diverging(CleanMethod):
     torn_down = False
 
-    def training_step(self, model: nn.Module, batch: tuple,
+    def training_step(self, model: nn.Module, batch: Batch,
                       ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         loss, metrics = super().training_step(model, batch, ctx)
         return loss * math.inf, metrics
@@ -131,7 +137,7 @@ def test_loader_without_length_steps_the_schedule_per_epoch() -> None:
         def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
             return iter(zip(*data.tensors, strict=True))
 
-    history = fit(tiny_model(), CleanMethod(), DataLoader(Stream(), batch_size=16),
+    history = fit(tiny_model(), CleanMethod(), DataLoader(Stream(), batch_size=16, collate_fn=as_batch),
                   optim=OptimConfig(epochs=2, optimizer="adam", lr=0.01), progress=False)
     assert history[0]["lr"] == pytest.approx(0.005) and history[1]["lr"] == pytest.approx(0.0)
 
@@ -169,3 +175,50 @@ def test_train_source_is_deterministic(tmp_path: Path, one_thread: None) -> None
     _, first = load_checkpoint(train_source(digits_config(tmp_path / "a", epochs=1), progress=False)[0])
     _, second = load_checkpoint(train_source(digits_config(tmp_path / "b", epochs=1), progress=False)[0])
     assert first.fingerprint == second.fingerprint
+
+
+class IndexRecorder(CleanMethod):
+    """Clean training that also records which images and variants each batch held."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.variants: list[int] = []
+
+    def training_step(self, model: nn.Module, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(batch, Batch) and batch.x.dtype == torch.float32 and batch.x.shape[1:] == (3, 8, 8)
+        self.indices += batch.index.tolist()
+        self.variants += batch.variant.tolist()
+        return super().training_step(model, batch, ctx)
+
+
+@pytest.mark.parametrize("kind", ["map-style", "streaming", "source"])
+def test_loop_trains_an_epoch_from_each_loader(tmp_path: Path, kind: str) -> None:
+    """The map-style and streaming store loaders and the plain source loader all feed the same loop."""
+    from conftest import make_arrays, write_test_store
+
+    from advpipe.config import SamplerConfig
+    from advpipe.datasets import SourceSplit
+    from advpipe.sampler import make_loader
+    from advpipe.sampler.streaming import make_stream_loader
+    from advpipe.trainers.clean import split_loader
+
+    policy = SamplerConfig(ratio=(0.5, 0.5), seed=1, batch_size=16)
+    if kind == "map-style":
+        write_test_store(tmp_path / "s", count=70)
+        data = make_loader(tmp_path / "s", "train", policy)
+    elif kind == "streaming":
+        write_test_store(tmp_path / "s", backend="webdataset", count=70)
+        data = make_stream_loader(tmp_path / "s", "train", policy, batch_size=16)
+    else:
+        arrays = make_arrays(70)
+        split = SourceSplit.create("npz", "train", arrays.images.transpose(0, 2, 3, 1), arrays.labels,
+                                   [str(i) for i in range(10)])
+        data = split_loader(split, 16, shuffle=True)
+    method = IndexRecorder()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    history = fit(model, method, data, optim=OptimConfig(epochs=1, lr=0.01), progress=False)
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+    assert sorted(method.indices) == list(range(70))  # every image of the split exactly once
+    adversarial = sum(v > 0 for v in method.variants)
+    assert (adversarial > 10) if kind != "source" else adversarial == 0

@@ -1,5 +1,5 @@
-"""Training: one shared loop (`trainers.loop`) and one module per method (`trainers.clean`, ...)."""
+"""Training: one shared loop (`advpipe.trainers.loop`) and one module per method (`advpipe.trainers.clean`, ...)."""
 
-from trainers.loop import Method, StepContext, TrainingError, evaluate, fit
+from advpipe.trainers.loop import Method, StepContext, TrainingError, evaluate, fit
 
 __all__ = ["Method", "StepContext", "TrainingError", "evaluate", "fit"]

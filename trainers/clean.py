@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from advpipe.batch import Batch
 from advpipe.config import Config
 from advpipe.datasets import SourceSplit, load_source
 from advpipe.devices import resolve_device
 from advpipe.errors import ModelError
 from advpipe.models import build_model, save_checkpoint
-from trainers.loop import Batch, Method, StepContext, accuracy, fit
+from advpipe.trainers.loop import Method, StepContext, accuracy, fit
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,8 @@ class CleanMethod(Method):
 
     def training_step(self, model: nn.Module, batch: Batch,
                       ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
-        x, y = batch[0], batch[1]
-        logits = model(x)
-        return F.cross_entropy(logits, y), {"acc": accuracy(logits, y)}
+        logits = model(batch.x)
+        return F.cross_entropy(logits, batch.y), {"acc": accuracy(logits, batch.y)}
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -48,20 +48,21 @@ def images_to_tensor(images: np.ndarray) -> Tensor:
     return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # copy: sources are read-only
 
 
-def collate_unit_float(items: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """Stack a batch and scale its uint8 images to float [0, 1].
+def collate_unit_float(items: list[tuple[Tensor, Tensor, Tensor]]) -> Batch:
+    """Stack (image, label, index) items into a clean Batch, scaling the uint8 images to float [0, 1].
 
     The dataset keeps uint8 (a quarter of float32's memory; CIFAR-10 is 150 MB
     instead of 600 MB) and only each batch becomes float.
     """
-    images, *rest = (torch.stack(column) for column in zip(*items, strict=True))
-    return (images.float().div_(255), *rest)
+    images, labels, indices = (torch.stack(column) for column in zip(*items, strict=True))
+    return Batch.clean(images.float().div_(255), labels, indices)
 
 
 def split_loader(split: SourceSplit, batch_size: int, *, shuffle: bool, seed: int = 0,
                  num_workers: int = 0) -> DataLoader:
-    """Batches (x float [0, 1] NCHW, y int64) of a source split; shuffling is seeded."""
-    dataset = TensorDataset(images_to_tensor(split.images), torch.from_numpy(np.array(split.labels)))
+    """Clean Batches of a source split (x float [0, 1] NCHW, y, index; variant 0); shuffling is seeded."""
+    labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
+    dataset = TensorDataset(images_to_tensor(split.images), labels, torch.arange(len(labels)))
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers, collate_fn=collate_unit_float)

@@ -7,10 +7,9 @@ there), `on_epoch_start` is where a sampler redraws. Everything else - device
 placement, optimizer and schedule from OptimConfig, progress bars, metrics,
 evaluation - lives here once.
 
-Batches are tuples `(x, y, *extras)`: x float in [0, 1] (N, C, H, W), y int64.
-The loop moves every tensor of the batch to the device and passes the whole
-tuple on; only methods look at the extras (variant id, is-adversarial flag,
-clean twin...).
+Every loader yields `advpipe.batch.Batch` (x, y, variant, index, optional
+x_clean); the loop moves the whole batch to the device and hands it on, and
+only methods look beyond x and y.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +27,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from advpipe.batch import Batch
 from advpipe.config import OptimConfig
 from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError
 
 log = logging.getLogger(__name__)
 
-Batch = Sequence[Any]
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 
 
@@ -142,7 +141,7 @@ def fit(model: nn.Module, method: Method, train_loader: Iterable[Batch], *, opti
             bar = tqdm(train_loader, total=steps_per_epoch, disable=not progress, leave=False,
                        desc=f"{method.name} epoch {epoch + 1}/{optim.epochs}", dynamic_ncols=True)
             for batch_index, raw in enumerate(bar):
-                batch = to_device(raw, device)
+                batch = raw.to(device, non_blocking=True)
                 ctx = StepContext(epoch, optim.epochs, batch_index, global_step, device, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 loss, metrics = method.training_step(model, batch, ctx)
@@ -155,7 +154,7 @@ def fit(model: nn.Module, method: Method, train_loader: Iterable[Batch], *, opti
                 if per_batch:
                     scheduler.step()
                 global_step += 1
-                count = len(batch[0])
+                count = len(batch)
                 seen += count
                 sums["loss"] += loss.item() * count
                 for key, value in metrics.items():
@@ -184,7 +183,7 @@ def fit(model: nn.Module, method: Method, train_loader: Iterable[Batch], *, opti
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | str = "cpu",
              predict: Callable[[Tensor], Tensor] | None = None) -> float:
-    """Top-1 accuracy of `predict(x)` (default `model(x)`) over (x, y, ...) batches, in eval mode."""
+    """Top-1 accuracy of `predict(x)` (default `model(x)`) over a loader's batches, in eval mode."""
     device = resolve_device(device)
     predict = model if predict is None else predict
     was_training = model.training
@@ -192,19 +191,14 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | s
     correct = total = 0
     try:
         for raw in loader:
-            x, y = to_device(raw[:2], device)
-            correct += int((predict(x).argmax(dim=1) == y).sum())
-            total += len(y)
+            batch = raw.to(device, non_blocking=True)
+            correct += int((predict(batch.x).argmax(dim=1) == batch.y).sum())
+            total += len(batch)
     finally:
         model.train(was_training)
     if total == 0:
         raise TrainingError("cannot evaluate: the evaluation loader yielded no batches")
     return correct / total
-
-
-def to_device(batch: Batch, device: torch.device) -> tuple[Any, ...]:
-    return tuple(item.to(device, non_blocking=True) if isinstance(item, Tensor) else item
-                 for item in batch)
 
 
 def _length(loader: Iterable[Batch]) -> int | None:

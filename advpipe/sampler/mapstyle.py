@@ -26,15 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from advpipe.batch import Batch
 from advpipe.config import SamplerConfig
 from advpipe.errors import SamplerError
 from advpipe.sampler.policy import Policy, scenario_variants, uniforms
-from stores.store import SplitReader, Store, Verify, open_store
+from advpipe.stores.store import SplitReader, Store, Verify, open_store
 
 log = logging.getLogger(__name__)
 
 SHUFFLE = 1002  # stream tag of the per-epoch permutation (policy.py uses 1000 and 1001)
-Batch = list[tuple[int, int]]
+Pairs = list[tuple[int, int]]  # one batch as (sample index, variant id) pairs
 
 
 def distributed_layout(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -47,7 +48,7 @@ def distributed_layout(rank: int | None, world_size: int | None) -> tuple[int, i
     return rank, world_size
 
 
-class VariantBatchSampler(Sampler[Batch]):
+class VariantBatchSampler(Sampler[Pairs]):
     """Yields each batch as a list of (sample index, variant id) pairs; variant 0 is clean.
 
     Per epoch the split's indices are permuted (seeded by seed and epoch), dealt to ranks round-robin
@@ -121,7 +122,7 @@ class VariantBatchSampler(Sampler[Batch]):
         failed = None if self.failed is None else self.failed[indices]
         return self.policy.choose(epoch, positions, batch=batch, failed=failed)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Pairs]:
         """The current epoch from the skip point; the skip is cleared only when the epoch runs to its end.
 
         (A DataLoader may call iter() twice and use the second iterator, so starting one must not
@@ -165,10 +166,9 @@ class VariantBatchSampler(Sampler[Batch]):
 
 
 class StoreDataset(Dataset):
-    """One item is one batch: `dataset[[(index, variant), ...]]` -> dict of tensors, read in one gather.
+    """One item is one batch: `dataset[[(index, variant), ...]]` -> a `Batch`, read in one gather.
 
-    Keys: x float32 (B, C, H, W) in [0, 1]; y int64; variant int64; is_adv bool; index int64; and with
-    pair_clean, x_clean (the same images' clean twins, for paired methods such as TRADES).
+    With pair_clean the batch also holds x_clean (the same images' clean twins, for paired methods).
     """
 
     def __init__(self, reader: SplitReader, labels: np.ndarray, pair_clean: bool = False) -> None:
@@ -179,19 +179,19 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, batch: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, batch: Sequence[tuple[int, int]]) -> Batch:
         pairs = np.asarray(batch, dtype=np.int64).reshape(-1, 2)
         indices, variants = pairs[:, 0], pairs[:, 1]
         item = {"y": torch.from_numpy(self.labels[indices]), "variant": torch.from_numpy(variants),
-                "is_adv": torch.from_numpy(variants > 0), "index": torch.from_numpy(indices)}
+                "index": torch.from_numpy(indices)}
         if not self.pair_clean:
-            return {"x": torch.from_numpy(self.reader.read(indices, variants)), **item}
+            return Batch(x=torch.from_numpy(self.reader.read(indices, variants)), **item)
         clean = self.reader.read(indices, 0)
         x = clean.copy()
         adversarial = variants > 0
         if adversarial.any():
             x[adversarial] = self.reader.read(indices[adversarial], variants[adversarial])
-        return {"x": torch.from_numpy(x), "x_clean": torch.from_numpy(clean), **item}
+        return Batch(x=torch.from_numpy(x), x_clean=torch.from_numpy(clean), **item)
 
 
 class StoreLoader:
@@ -218,7 +218,7 @@ class StoreLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self._consumed == len(self):  # the consumer took the last batch but stopped before the end
             self._finish_epoch()
         self.sampler.set_epoch(self.epoch)  # adapts here, so update() between epochs counts for this one
@@ -227,7 +227,7 @@ class StoreLoader:
         self.sampler.skip(self._consumed)
         for batch in self.dataloader:
             self._consumed += 1
-            self._counts += np.bincount(batch["variant"].numpy(), minlength=len(self._counts))
+            self._counts += np.bincount(batch.variant.numpy(), minlength=len(self._counts))
             yield batch
         self._finish_epoch()
 

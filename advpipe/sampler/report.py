@@ -13,7 +13,7 @@ import numpy as np
 from advpipe.config import Range, SamplerConfig
 from advpipe.errors import SamplerError
 from advpipe.sampler.mapstyle import VariantBatchSampler, build_sampler, make_loader, resolve_store
-from stores.store import Store, Verify
+from advpipe.stores.store import Store, Verify
 
 
 def draw_batches(sampler: VariantBatchSampler, batches: int) -> list[np.ndarray]:

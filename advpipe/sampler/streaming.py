@@ -53,13 +53,14 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from advpipe.batch import Batch
 from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, SamplerError, StoreError
 from advpipe.sampler.mapstyle import distributed_layout
 from advpipe.sampler.policy import Policy, scenario_variants
-from stores import codec
-from stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
-from stores.wds import BLOCK, iter_records, sample_key
+from advpipe.stores import codec
+from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
+from advpipe.stores.wds import BLOCK, iter_records, sample_key
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,8 @@ NO_FAILURES = b',"failed":[]}'  # how a record's JSON ends when no variant faile
 class StreamingVariantDataset(IterableDataset):
     """Stream one split of a WebDataset store, choosing each image's variant with the sampler policy.
 
-    Yields dicts of tensors: x float32 in [0, 1], y int64 label, variant int64 (0 = clean),
-    is_adv bool, index int64 (the image id), and x_clean when pair_clean. With batch_size
-    each item is a batch (leading dimension); without, one sample.
+    With batch_size each item is a `Batch` (advpipe.batch); without, one sample as a dict of
+    the same fields (x, y, variant, is_adv, index, and x_clean when pair_clean).
 
     verify='checksum' (default): a local store's shards are all hashed at construction
     (about a second per GB, so corruption is an error then, naming the shard) and trusted
@@ -132,7 +132,7 @@ class StreamingVariantDataset(IterableDataset):
         """Select the epoch whose shuffles and variant draws the next iteration makes."""
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch | dict[str, torch.Tensor]]:
         slot, slots = self._slot()
         plan = self.plan(self.epoch, slot, slots)
         log.debug("epoch %d: slot %d of %d reads %d shard(s)", self.epoch, slot, slots, len(plan))
@@ -144,12 +144,13 @@ class StreamingVariantDataset(IterableDataset):
             chunks = (chunk.take(slice(None)) for chunk in self._chunks(plan, slot, slots))
         if self.batch_size is None:
             for chunk in chunks:
-                tensors = self._tensors(chunk)
+                tensors = self._batch(chunk).tensors()
+                tensors["is_adv"] = tensors["variant"] > 0
                 for row in range(len(chunk["index"])):
                     yield {key: value[row] for key, value in tensors.items()}
         else:
             for batch in rebatch(chunks, self.batch_size, self.drop_last):
-                yield self._tensors(batch)
+                yield self._batch(batch)
 
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -193,18 +194,15 @@ class StreamingVariantDataset(IterableDataset):
             variants[rows] = self.policy.choose(self.epoch, ids[rows], batch=int(block), failed=failed[rows])
         return variants
 
-    def _tensors(self, samples: Samples) -> dict[str, torch.Tensor]:
+    def _batch(self, samples: Samples) -> Batch:
         """Decode a chunk or batch in one vectorised step (clean picks hold the identity of the codec)."""
-        out = {
-            "x": torch.from_numpy(codec.decode(samples["clean"], samples["stored"], self.manifest.precision)),
-            "y": torch.from_numpy(samples["label"]),
-            "variant": torch.from_numpy(samples["variant"]),
-            "is_adv": torch.from_numpy(samples["variant"] > 0),
-            "index": torch.from_numpy(samples["index"]),
-        }
-        if self.pair_clean:
-            out["x_clean"] = torch.from_numpy(codec.to_float(samples["clean"]))
-        return out
+        return Batch(
+            x=torch.from_numpy(codec.decode(samples["clean"], samples["stored"], self.manifest.precision)),
+            y=torch.from_numpy(samples["label"]),
+            variant=torch.from_numpy(samples["variant"]),
+            index=torch.from_numpy(samples["index"]),
+            x_clean=torch.from_numpy(codec.to_float(samples["clean"])) if self.pair_clean else None,
+        )
 
 
 @dataclass
@@ -265,13 +263,13 @@ class Pending:
 class ShardReader:
     """Turns a WebDataset shard's bytes into ShardColumns.
 
-    A shard as `stores.wds.write_shard` writes it has a fixed stride: each record is the
+    A shard as `advpipe.stores.wds.write_shard` writes it has a fixed stride: each record is the
     same members in the same order, .cls and .json fit one tar block, and the .npy members
     have the manifest's shape and dtype. Such a shard is read as strided numpy views, with
     every header checked in bulk (names and ids, member type, sizes, .npy headers) and no
     Python work per record: ids come from the member names and labels from .cls, as the
     format defines them, and the JSON is parsed only for records that list failed
-    variants. Any other shard is read record by record with `stores.wds.iter_records`.
+    variants. Any other shard is read record by record with `advpipe.stores.wds.iter_records`.
     """
 
     def __init__(self, manifest: Manifest) -> None:
@@ -389,7 +387,7 @@ class ShardReader:
 
 
 def _npy_header(shape: tuple[int, ...], dtype: Any) -> bytes:
-    """The .npy (version 1.0) header that stores.wds writes for a C-ordered array of this shape and dtype."""
+    """The .npy (version 1.0) header that advpipe.stores.wds writes for a C-ordered array of this shape and dtype."""
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                   "fortran_order": False, "shape": tuple(shape)})
@@ -679,7 +677,7 @@ class StreamLoader:
         self._skip = self._consumed = int(state["batches_consumed"])
         self._counts = np.array(state["counts"], dtype=np.int64)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self._adapted_epoch != self.epoch:
             self.policy.adapt()
             self._adapted_epoch = self.epoch

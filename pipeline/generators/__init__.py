@@ -12,18 +12,18 @@ from advpipe.errors import ConfigError
 
 if TYPE_CHECKING:
     from advpipe.config import VariantConfig
-    from pipeline.generators.base import Generator, GeneratorParams
+    from advpipe.pipeline.generators.base import Generator, GeneratorParams
 
 #: generator name -> "module:Class"
 REGISTRY: dict[str, str] = {
-    "gaussian": "pipeline.generators.gaussian:GaussianGenerator",
-    "fgsm": "pipeline.generators.fgsm:FGSMGenerator",
-    "bim": "pipeline.generators.bim:BIMGenerator",
-    "deepfool": "pipeline.generators.deepfool:DeepFoolGenerator",
-    "cw": "pipeline.generators.cw:CarliniWagnerGenerator",
-    "style": "pipeline.generators.style:StyleTransferGenerator",
-    "b1": "pipeline.generators.shift:ScenarioB1Generator",
-    "b2": "pipeline.generators.shift:ScenarioB2Generator",
+    "gaussian": "advpipe.pipeline.generators.gaussian:GaussianGenerator",
+    "fgsm": "advpipe.pipeline.generators.fgsm:FGSMGenerator",
+    "bim": "advpipe.pipeline.generators.bim:BIMGenerator",
+    "deepfool": "advpipe.pipeline.generators.deepfool:DeepFoolGenerator",
+    "cw": "advpipe.pipeline.generators.cw:CarliniWagnerGenerator",
+    "style": "advpipe.pipeline.generators.style:StyleTransferGenerator",
+    "b1": "advpipe.pipeline.generators.shift:ScenarioB1Generator",
+    "b2": "advpipe.pipeline.generators.shift:ScenarioB2Generator",
 }
 
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from advpipe.errors import GenerationError
-from pipeline.generators.art_support import art_classifier, run_art_attack
-from pipeline.generators.base import Generator, GeneratorParams
-from pipeline.generators.common import finalize, gradients_on
+from advpipe.pipeline.generators.art_support import art_classifier, run_art_attack
+from advpipe.pipeline.generators.base import Generator, GeneratorParams
+from advpipe.pipeline.generators.common import finalize, gradients_on
 
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import model_validator
 
-from pipeline.generators.attack import AttackGenerator
-from pipeline.generators.base import GeneratorParams
-from pipeline.generators.common import Iterations, PixelBudget
+from advpipe.pipeline.generators.attack import AttackGenerator
+from advpipe.pipeline.generators.base import GeneratorParams
+from advpipe.pipeline.generators.common import Iterations, PixelBudget
 
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack

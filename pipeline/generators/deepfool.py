@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from pipeline.generators.attack import AttackGenerator
-from pipeline.generators.base import GeneratorParams
-from pipeline.generators.common import Iterations
+from advpipe.pipeline.generators.attack import AttackGenerator
+from advpipe.pipeline.generators.base import GeneratorParams
+from advpipe.pipeline.generators.common import Iterations
 
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from pipeline.generators.attack import AttackGenerator
-from pipeline.generators.base import GeneratorParams
-from pipeline.generators.common import PixelBudget
+from advpipe.pipeline.generators.attack import AttackGenerator
+from advpipe.pipeline.generators.base import GeneratorParams
+from advpipe.pipeline.generators.common import PixelBudget
 
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack

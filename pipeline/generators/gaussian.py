@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.generators.base import Generator, GeneratorParams, torch_generator
-from pipeline.generators.common import finalize, seed_list
+from advpipe.pipeline.generators.base import Generator, GeneratorParams, torch_generator
+from advpipe.pipeline.generators.common import finalize, seed_list
 
 
 class GaussianParams(GeneratorParams):

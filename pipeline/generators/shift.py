@@ -20,8 +20,8 @@ from pydantic import Field
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.generators.base import Generator, GeneratorParams, image_generator
-from pipeline.generators.common import finalize, seed_list
+from advpipe.pipeline.generators.base import Generator, GeneratorParams, image_generator
+from advpipe.pipeline.generators.common import finalize, seed_list
 
 _INTERPOLATION = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR}
 

@@ -38,8 +38,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from advpipe.errors import ConfigError
-from pipeline.generators.base import Generator, GeneratorParams, image_generator
-from pipeline.generators.common import Iterations, finalize, gradients_on, seed_list
+from advpipe.pipeline.generators.base import Generator, GeneratorParams, image_generator
+from advpipe.pipeline.generators.common import Iterations, finalize, gradients_on, seed_list
 
 Extractor = Callable[[torch.Tensor], list[torch.Tensor]]
 
