@@ -47,22 +47,27 @@ class Batch:
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, key: str) -> Tensor | None:
+    def __getitem__(self, key: str) -> Tensor:
         if key == "is_adv":
             return self.is_adv
-        if key not in self.keys():
-            raise KeyError(f"a batch has no field '{key}' (it has: {', '.join(self.keys())}, is_adv)")
-        return getattr(self, key)
+        value = getattr(self, key, None) if key in FIELDS else None
+        if value is None:
+            raise KeyError(f"this batch has no field '{key}' (it has: {', '.join(self.keys())})")
+        return value
 
     def __contains__(self, key: str) -> bool:
-        return key == "is_adv" or (key in self.keys() and getattr(self, key) is not None)
+        return key in self.keys()
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
+        """Names of the fields present, and is_adv: a batch reads like the dicts loaders used to yield."""
+        return [*self.tensors(), "is_adv"]
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(key, self[key]) for key in self.keys()]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The fields that hold tensors (x_clean only when present)."""
-        return {name: value for name in self.keys() if (value := getattr(self, name)) is not None}
+        """The stored fields that hold tensors (x_clean only when present)."""
+        return {name: value for name in FIELDS if (value := getattr(self, name)) is not None}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Every tensor on `device` (a no-op copy-free move when it is already there)."""
@@ -71,3 +76,6 @@ class Batch:
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True): page-locked tensors for asynchronous copies to a GPU."""
         return replace(self, **{k: v.pin_memory() for k, v in self.tensors().items()})
+
+
+FIELDS = tuple(f.name for f in fields(Batch))

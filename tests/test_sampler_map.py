@@ -203,7 +203,7 @@ def test_realised_frequencies_match_a_fixed_policy(store_path, caplog):
     expected = loader.policy.expected_frequencies()
     assert expected == pytest.approx({"clean": 0.6, "noise": 0.1, "tiny": 0.3})
     observed = np.zeros(3)
-    with caplog.at_level(logging.INFO, logger="advpipe.sampler.mapstyle"):
+    with caplog.at_level(logging.INFO, logger="advpipe.sampler.loader"):
         for _ in range(60):
             run_epoch(loader)
             observed += list(loader.epoch_counts.values())
@@ -269,13 +269,24 @@ def test_adaptive_updates_are_deterministic_and_apply_at_the_next_epoch(store_pa
     assert noise > plain_noise
 
 
-def test_adaptive_with_fixed_weights_changes_nothing(store_path):
-    config = policy_config(adaptive=True, weights={"noise": 1, "tiny": 1})
-    updated, plain = make_loader(store_path, "train", config), make_loader(store_path, "train", config)
-    for _ in range(3):
-        first = pairs(run_epoch(updated))
-        assert first == pairs(run_epoch(plain))
-        updated.update({"noise": 1.0, "tiny": 0.0})
+def test_adaptive_with_fixed_weights_is_refused(store_path):
+    """Adaptation moves draws inside ranges; with lo == hi everywhere it would silently do nothing."""
+    with pytest.raises(SamplerError, match="adaptive: true would change nothing"):
+        make_loader(store_path, "train", policy_config(adaptive=True, weights={"noise": 1, "tiny": 1}))
+    with pytest.raises(SamplerError, match="adaptive: true would change nothing"):
+        make_loader(store_path, "train", policy_config(adaptive=True, weights={}))
+
+
+def test_clean_error_stays_out_of_the_normalisation():
+    """A large clean error must not shrink every variant's relative error."""
+    def centres(errors: dict[str, float]) -> list[float]:
+        policy = Policy.from_config(policy_config(adaptive=True, adapt_rate=1.0), ["clean", "noise", "tiny"])
+        policy.update(errors)
+        policy.adapt()
+        return policy.centres.tolist()
+
+    assert centres({"clean": 10.0, "noise": 0.4, "tiny": 0.2}) == [1.0, 0.5]
+    assert centres({"clean": 10.0, "noise": 0.4, "tiny": 0.2}) == centres({"noise": 0.4, "tiny": 0.2})
 
 
 # failed variants and bad input -----------------------------------------------------------------------

@@ -50,26 +50,47 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("layout", ["many", "few"])
 def test_every_image_exactly_once_over_two_ranks_of_two_workers(stores: dict[str, Path], layout: str) -> None:
+    """Uneven shards ('few': 32, 32, 6 images): both ranks yield as many batches, and only padding repeats."""
     seen: list[int] = []
+    batches = []
     for rank in (0, 1):
         loader = make_stream_loader(stores[layout], sampler_config=MIXED, batch_size=5, num_workers=2,
                                     shuffle_buffer=16, rank=rank, world_size=2)
-        seen += [int(i) for batch in loader for i in batch["index"]]
-    assert sorted(seen) == list(range(COUNT))
+        rank_batches = list(loader)
+        assert len(rank_batches) == len(loader)
+        batches.append(len(rank_batches))
+        seen += [int(i) for batch in rank_batches for i in batch["index"]]
+    assert batches == [8, 8]  # 4 readers x ceil(18 / 5) batches each ... per rank: 2 workers x 4
+    assert sorted(set(seen)) == list(range(COUNT))  # every image
+    assert len(seen) == 4 * 18  # 70 images padded to 18 per reader: two repeats, no more
+    assert sum(count - 1 for count in Counter(seen).values()) == 2
+
+
+def test_drop_last_cuts_instead_of_padding(stores: dict[str, Path]) -> None:
+    seen: list[int] = []
+    for rank in (0, 1):
+        loader = make_stream_loader(stores["few"], sampler_config=MIXED, batch_size=5, num_workers=2, rank=rank,
+                                    world_size=2, drop_last=True)
+        rank_batches = list(loader)
+        assert len(rank_batches) == len(loader) == 2 * 3  # floor(70 / 4) = 17 per reader: 3 full batches
+        seen += [int(i) for batch in rank_batches for i in batch["index"]]
+    assert len(seen) == len(set(seen)) == 4 * 15  # no repeats; the cut images are the documented loss
 
 
 @pytest.mark.parametrize("world_size", [1, 3, 4, 9, 10, 16])
 def test_exactly_once_and_layout_independent_variants(stores: dict[str, Path], world_size: int) -> None:
     """Any slot count, above or below the 9 shards; each image's variant depends only on (seed, epoch, id)."""
     variants: dict[int, int] = {}
+    drawn = 0
     for rank in range(world_size):
         dataset = StreamingVariantDataset(stores["many"], sampler=MIXED, batch_size=4, rank=rank,
                                           world_size=world_size)
         dataset.set_epoch(2)
         for batch in dataset:
             for index, variant in zip(batch["index"].tolist(), batch["variant"].tolist(), strict=True):
-                assert index not in variants
-                variants[index] = variant
+                assert variants.setdefault(index, variant) == variant  # a padded repeat is the same draw
+                drawn += 1
+    assert drawn == world_size * -(-COUNT // world_size)  # padded to ceil(count / readers) per reader
     policy = Policy.from_config(MIXED, open_store(stores["many"]).variants)
     assert sorted(variants) == list(range(COUNT))
     assert [variants[i] for i in range(COUNT)] == policy.choose(2, np.arange(COUNT)).tolist()
@@ -342,5 +363,5 @@ print(json.dumps({{"rest": rest, "metrics": loader.metrics()}}))
     assert resumed["metrics"] == complete.metrics()
     assert sum(v for k, v in complete.metrics().items() if k != "sampler/adversarial_fraction") == COUNT
     other = make_stream_loader(stores["many"], "train", config, batch_size=8, num_workers=1)
-    with pytest.raises(SamplerError, match="layout"):
+    with pytest.raises(SamplerError, match="does not fit this loader: num_workers is 1, saved 2"):
         other.load_state_dict(first.state_dict())

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from advpipe.batch import Batch
 from advpipe.config import SamplerConfig
 from advpipe.errors import SamplerError
+from advpipe.sampler.loader import EpochLoader
 from advpipe.sampler.policy import Policy, scenario_variants, uniforms
 from advpipe.stores.store import SplitReader, Store, Verify, open_store
 
@@ -73,9 +74,7 @@ class VariantBatchSampler(Sampler[Pairs]):
         self.drop_last = drop_last
         self.rank, self.world_size = distributed_layout(rank, world_size)
         self.epoch = 0
-        self._adapted_epoch: int | None = None  # the epoch whose start has applied policy.adapt()
         self._start = 0  # batches of the current epoch to skip at the next iteration (resumption)
-        self._yielded = 0  # batches of the current epoch handed out so far
 
     @property
     def seed(self) -> int:
@@ -92,15 +91,9 @@ class VariantBatchSampler(Sampler[Pairs]):
         return batches + (1 if rest and not self.drop_last else 0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch`: a new epoch applies the policy's pending adaptive updates (Policy.adapt)."""
+        """Draw `epoch`'s order and variants at the next iteration (adaptive updates are the loader's job)."""
         if epoch != self.epoch:
-            self.epoch, self._start, self._yielded = epoch, 0, 0
-        self._begin_epoch()
-
-    def _begin_epoch(self) -> None:
-        if self._adapted_epoch != self.epoch:
-            self.policy.adapt()
-            self._adapted_epoch = self.epoch
+            self.epoch, self._start = epoch, 0
 
     def skip(self, batches: int) -> None:
         """Make the next iteration start at this batch of the current epoch."""
@@ -128,14 +121,11 @@ class VariantBatchSampler(Sampler[Pairs]):
         (A DataLoader may call iter() twice and use the second iterator, so starting one must not
         consume the skip.)
         """
-        self._begin_epoch()
         epoch, start = self.epoch, self._start
         positions, indices = self.epoch_order(epoch)
-        self._yielded = start
         for batch in range(start, len(self)):
             window = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             variants = self.choose(epoch, batch, positions[window], indices[window])
-            self._yielded = batch + 1
             yield list(zip(indices[window].tolist(), variants.tolist(), strict=True))
         self._start = 0
 
@@ -145,24 +135,6 @@ class VariantBatchSampler(Sampler[Pairs]):
         """What must match for a saved position to mean the same batches."""
         return {"seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
                 "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
-
-    def state_dict(self) -> dict:
-        """JSON-serialisable position: counts batches yielded (a StoreLoader counts consumed ones)."""
-        return {"epoch": self.epoch, "batches_consumed": self._yielded, "adapted_epoch": self._adapted_epoch,
-                "policy": self.policy.state_dict(), "layout": self.layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the next iteration continues `epoch` after `batches_consumed` batches."""
-        saved = state.get("layout", {})
-        mismatched = {k: (v, saved.get(k)) for k, v in self.layout().items() if saved.get(k) != v}
-        if mismatched:
-            described = ", ".join(f"{k} is {now!r}, saved {then!r}" for k, (now, then) in mismatched.items())
-            raise SamplerError(f"saved sampler state does not fit this sampler: {described}")
-        self.epoch = int(state["epoch"])
-        self.skip(int(state["batches_consumed"]))
-        self._yielded = self._start
-        self._adapted_epoch = state["adapted_epoch"]
-        self.policy.load_state_dict(state["policy"])
 
 
 class StoreDataset(Dataset):
@@ -194,79 +166,31 @@ class StoreDataset(Dataset):
         return Batch(x=torch.from_numpy(x), x_clean=torch.from_numpy(clean), **item)
 
 
-class StoreLoader:
-    """One pass of `for batch in loader` is one epoch; state and counts follow what the consumer received."""
+class StoreLoader(EpochLoader):
+    """Map-style loader: the sampler's batches of (index, variant) pairs read by DataLoader workers."""
 
     def __init__(self, dataset: StoreDataset, sampler: VariantBatchSampler, variant_names: list[str], *,
                  num_workers: int = 0, persistent_workers: bool = False, pin_memory: bool = False) -> None:
+        super().__init__(variant_names)
         self.dataset = dataset
         self.sampler = sampler
-        self.variant_names = list(variant_names)
+        self.policy = sampler.policy
         # batch_size=None: the sampler's lists reach __getitem__ whole, so one fetch is one batch.
         # A private generator keeps the DataLoader from consuming the global torch RNG each epoch.
         self.dataloader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
                                      persistent_workers=persistent_workers and num_workers > 0,
                                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
-        self.epoch = sampler.epoch  # advanced when an epoch ends; the sampler follows when the next starts
-        self._consumed = 0
-        self._counts = np.zeros(len(self.variant_names), dtype=np.int64)
-
-    @property
-    def policy(self) -> Policy:
-        return self.sampler.policy
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[Batch]:
-        if self._consumed == len(self):  # the consumer took the last batch but stopped before the end
-            self._finish_epoch()
-        self.sampler.set_epoch(self.epoch)  # adapts here, so update() between epochs counts for this one
-        if self._consumed == 0:
-            self._counts[:] = 0
-        self.sampler.skip(self._consumed)
-        for batch in self.dataloader:
-            self._consumed += 1
-            self._counts += np.bincount(batch.variant.numpy(), minlength=len(self._counts))
-            yield batch
-        self._finish_epoch()
+    def layout(self) -> dict:
+        return self.sampler.layout()
 
-    def _finish_epoch(self) -> None:
-        log.info("sampler epoch %d: realised variant counts %s (adversarial fraction %.3f)",
-                 self.epoch, self.epoch_counts, self.adversarial_fraction)
-        self._consumed = 0
-        self.epoch += 1
-
-    @property
-    def epoch_counts(self) -> dict[str, int]:
-        """Realised count of each variant (clean first) in the epoch under way, or the last one finished."""
-        return {name: int(count) for name, count in zip(self.variant_names, self._counts, strict=True)}
-
-    @property
-    def adversarial_fraction(self) -> float:
-        total = int(self._counts.sum())
-        return float(self._counts[1:].sum() / total) if total else 0.0
-
-    def metrics(self) -> dict[str, float]:
-        """For a trainer's metrics: `sampler/<variant>` counts and `sampler/adversarial_fraction`."""
-        return {**{f"sampler/{name}": count for name, count in self.epoch_counts.items()},
-                "sampler/adversarial_fraction": self.adversarial_fraction}
-
-    def update(self, errors: dict[str, float]) -> None:
-        """Per-variant error rates or losses for adaptive mode; they take effect at the next epoch."""
-        self.policy.update(errors)
-
-    def state_dict(self) -> dict:
-        """JSON-serialisable: epoch, batches the consumer received, policy state, this epoch's counts."""
-        return {**self.sampler.state_dict(), "epoch": self.epoch, "batches_consumed": self._consumed,
-                "counts": self._counts.tolist()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume after the saved batch: the rest of the epoch is what an uninterrupted run would yield."""
-        self.sampler.load_state_dict(state)
-        self.epoch = int(state["epoch"])
-        self._consumed = int(state["batches_consumed"])
-        self._counts[:] = state.get("counts", 0)
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip(skip)
+        yield from self.dataloader
 
 
 def resolve_store(store: Store | str | Path, verify: Verify = "checksum") -> Store:

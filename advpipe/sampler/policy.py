@@ -86,6 +86,10 @@ class Policy:
             raise SamplerError("the policy draws adversarial samples (ratio > 0) but no variant has a weight")
         if ranges and config.ratio.hi > 0 and all(r.hi == 0 for r in ranges.values()):
             raise SamplerError("every variant weight is zero: give at least one variant a positive weight range")
+        if config.adaptive and all(r.lo == r.hi for r in ranges.values()):
+            raise SamplerError("adaptive: true would change nothing: every variant weight is a single value "
+                               "(lo == hi), and adaptation only moves draws inside each [lo, hi] range; give "
+                               "sampler.weights ranges, or set adaptive: false")
         names = list(ranges)
         return cls(ratio=config.ratio, variant_ids=np.array([store_variants.index(n) for n in names], dtype=np.int64),
                    names=names, ranges=[ranges[n] for n in names], redraw=config.redraw, seed=config.seed,
@@ -166,11 +170,12 @@ class Policy:
         window around the centre that never leaves [lo_k, hi_k]. Variants without a report keep
         their centre. Applied at epoch starts, so DataLoader prefetching cannot change the sequence.
         """
-        if self.adaptive and self.pending:
-            top = max(max(self.pending.values()), 1e-12)
+        reported = {name: value for name, value in self.pending.items() if name in self.names}
+        if self.adaptive and reported:  # clean's error is not a weight: it stays out of the normalisation
+            top = max(max(reported.values()), 1e-12)
             for index, name in enumerate(self.names):
-                if name in self.pending:
-                    target = self.pending[name] / top
+                if name in reported:
+                    target = reported[name] / top
                     self.centres[index] = (1 - self.adapt_rate) * self.centres[index] + self.adapt_rate * target
             self.centres = np.clip(self.centres, 0.0, 1.0)
             log.info("adaptive policy centres: %s", dict(zip(self.names, np.round(self.centres, 3).tolist(),

@@ -7,16 +7,17 @@ through a shuffle buffer into batches. Batches are assembled inside the dataset 
 batch_size=None): stacking per-sample tensors in a collate function would cost more
 than reading them.
 
-Exactly once per epoch. The shard order is shuffled with a generator seeded by
-(seed, epoch), identical in every process. DataLoader workers and distributed ranks
-form `world_size * num_workers` slots, slot = rank * num_workers + worker_id. With S
-shards, the first S - S mod slots shards of the order are dealt round-robin, whole, to
-the slots; the remaining shards (all of them when S < slots) are read by every slot,
-and each slot keeps only the images whose id mod slots is its slot. Every image thus
-goes to exactly one slot. Every slot reads as many whole shards as the others, so slots
-differ only by the difference in shard sizes (a split's last shard is usually smaller)
-and by rounding in the shared shards; ranks can end an epoch a batch apart, and the last
-batch of each slot may be partial (or dropped, with drop_last).
+Exactly once per epoch, and the same number of batches on every rank. The shard order
+is shuffled with a generator seeded by (seed, epoch), identical in every process.
+DataLoader workers and distributed ranks form `world_size * num_workers` readers (slots),
+slot = rank * num_workers + worker_id. Full-size shards are dealt whole, round-robin, to
+the slots, as many as divide evenly; every other shard (the split's short last shard, the
+remainder) is shared: each slot keeps the images whose position among the shared images,
+mod slots, is its slot. Slots then differ by at most one image, and every slot is padded
+to ceil(count / slots) images by repeating its first image (as DistributedSampler pads),
+or with drop_last cut to floor(count / slots) and its last partial batch dropped. So every
+rank yields the same number of batches (DistributedDataParallel needs that), and apart
+from at most one padded repeat per slot every image is read exactly once.
 
 The variant of an image is chosen by `Policy.choose` with the image id as position, so
 it depends on (seed, epoch, id) only, never on the slot layout or the shuffle. With
@@ -56,6 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from advpipe.batch import Batch
 from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, SamplerError, StoreError
+from advpipe.sampler.loader import EpochLoader
 from advpipe.sampler.mapstyle import distributed_layout
 from advpipe.sampler.policy import Policy, scenario_variants
 from advpipe.stores import codec
@@ -135,13 +137,19 @@ class StreamingVariantDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch | dict[str, torch.Tensor]]:
         slot, slots = self._slot()
         plan = self.plan(self.epoch, slot, slots)
-        log.debug("epoch %d: slot %d of %d reads %d shard(s)", self.epoch, slot, slots, len(plan))
+        natural, target = self.slot_count(plan, slot, slots), self.slot_target(slots)
+        if natural == 0 and target > 0:
+            raise SamplerError(f"split '{self.split}' has {self.count} images, fewer than the {slots} readers "
+                               "(ranks x DataLoader workers): use fewer workers or ranks")
+        log.debug("epoch %d: slot %d of %d reads %d shard(s), %d images, padded or cut to %d", self.epoch, slot,
+                  slots, len(plan), natural, target)
         chunks: Iterator[Samples]
         if self.shuffle_buffer:
             rng = np.random.default_rng([BUFFER_ORDER, self.sampler.seed & MASK64, self.epoch & MASK64, slot])
             chunks = shuffle_chunks(self._chunks(plan, slot, slots), self.shuffle_buffer, rng)
         else:
             chunks = (chunk.take(slice(None)) for chunk in self._chunks(plan, slot, slots))
+        chunks = fit_count(chunks, target, max(0, target - natural))
         if self.batch_size is None:
             for chunk in chunks:
                 tensors = self._batch(chunk).tensors()
@@ -157,30 +165,62 @@ class StreamingVariantDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.rank * workers + worker, self.world_size * workers
 
-    def plan(self, epoch: int, slot: int, slots: int) -> list[tuple[int, bool]]:
-        """(shard index, shared) pairs this slot reads, in order; a shared shard is split by image id."""
+    def plan(self, epoch: int, slot: int, slots: int) -> list[tuple[int, int | None]]:
+        """(shard index, offset) pairs this slot reads, in order.
+
+        Full-size shards are dealt whole, round-robin, in multiples of `slots`; every other shard is
+        shared: offset is the number of shared images before it, and a slot keeps the shared images
+        whose position (offset + row) mod slots is its slot. So slots differ by at most one image.
+        """
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([SHARD_ORDER, self.sampler.seed & MASK64, epoch & MASK64]).permutation(order)
-        whole = len(order) // slots * slots
-        return [(int(i), False) for i in order[slot:whole:slots]] + [(int(i), True) for i in order[whole:]]
+        full = max((shard.count for shard in self.shards), default=0)
+        whole = [int(i) for i in order if self.shards[i].count == full]
+        whole = whole[: len(whole) // slots * slots]
+        dealt = set(whole)
+        plan: list[tuple[int, int | None]] = [(i, None) for i in whole[slot::slots]]
+        offset = 0
+        for index in (int(i) for i in order if int(i) not in dealt):
+            plan.append((index, offset))
+            offset += self.shards[index].count
+        return plan
 
-    def _chunks(self, plan: list[tuple[int, bool]], slot: int, slots: int) -> Iterator[Pending]:
+    def slot_count(self, plan: list[tuple[int, int | None]], slot: int, slots: int) -> int:
+        """Images this slot's plan holds (before padding or cutting)."""
+        count = 0
+        for index, offset in plan:
+            size = self.shards[index].count
+            count += size if offset is None else len(range((slot - offset) % slots, size, slots))
+        return count
+
+    def slot_target(self, slots: int) -> int:
+        """Images every slot yields per epoch: the split shared out, padded up (or, with drop_last, cut down)."""
+        return self.count // slots if self.drop_last else -(-self.count // slots)
+
+    def batches_per_slot(self, slots: int) -> int:
+        target, size = self.slot_target(slots), self.batch_size or 1
+        return target // size if self.drop_last else -(-target // size)
+
+    def _chunks(self, plan: list[tuple[int, int | None]], slot: int, slots: int) -> Iterator[Pending]:
         """Each planned shard's samples for this slot, their variants chosen."""
         shards = [self.shards[index] for index, _ in plan]
-        for (_, shared), shard, data in zip(plan, shards, self.source.fetch_all(shards, self.prefetch), strict=True):
-            chunk = self._parse(shard, data, (slot, slots) if shared else None)
+        for (_, offset), shard, data in zip(plan, shards, self.source.fetch_all(shards, self.prefetch), strict=True):
+            chunk = self._parse(shard, data, None if offset is None else (slot, slots, offset))
             if len(chunk):
                 yield chunk
 
-    def _parse(self, shard: ShardRecord, data: Any, keep: tuple[int, int] | None) -> Pending:
+    def _parse(self, shard: ShardRecord, data: Any, keep: tuple[int, int, int] | None) -> Pending:
         """Check the shard's images, keep this slot's and choose their variants (pixels are copied later)."""
         columns = self.reader.read(data, shard)
         ids = columns.ids
         if len(ids) != shard.count or not np.array_equal(ids, np.arange(shard.start, shard.stop)):
             raise IntegrityError(f"shard {shard.name}: holds images {_span(ids)}, manifest says "
                                  f"[{shard.start}, {shard.stop}); run `advpipe verify`")
-        rows = np.arange(len(ids)) if keep is None else np.flatnonzero(ids % keep[1] == keep[0])
+        rows = np.arange(len(ids))
+        if keep is not None:
+            slot, slots, offset = keep
+            rows = rows[(offset + rows) % slots == slot]
         variants = self._choose(ids[rows], columns.failed[rows])
         return Pending(ids[rows], columns.labels[rows], variants, rows, columns, self.manifest.precision)
 
@@ -598,6 +638,27 @@ def rebatch(chunks: Iterable[Samples], size: int, drop_last: bool = False) -> It
         yield concat(parts)
 
 
+def fit_count(chunks: Iterable[Samples], target: int, pad: int) -> Iterator[Samples]:
+    """Cut a stream at `target` samples, or pad it to `target` by repeating its first `pad` samples.
+
+    This is what gives every rank the same number of batches per epoch (as DistributedSampler does):
+    the only repeats are the documented padding, at most one image per reader.
+    """
+    sent, head = 0, []
+    for chunk in chunks:
+        room = target - sent
+        if room <= 0:
+            break
+        part = chunk if len(chunk["index"]) <= room else take(chunk, slice(0, room))
+        held = sum(len(h["index"]) for h in head)
+        if held < pad:
+            head.append(take(part, slice(0, pad - held)))
+        sent += len(part["index"])
+        yield part
+    if sent < target and head:
+        yield take(concat(head), slice(0, target - sent))
+
+
 def take(samples: Samples, rows: slice | np.ndarray) -> Samples:
     return {key: values[rows] for key, values in samples.items()}
 
@@ -612,87 +673,44 @@ def _span(ids: np.ndarray) -> str:
     return f"{len(ids)} images [{ids.min()}, {ids.max() + 1})" if len(ids) else "no images"
 
 
-class StreamLoader:
-    """One pass of `for batch in loader` is one epoch, as with `mapstyle.StoreLoader`.
-
-    The epoch advances when a pass runs to its end; each epoch starts by applying the
-    policy's pending adaptive updates (`update`) in this process, before DataLoader
-    workers start and copy the dataset, so every worker draws with the same policy.
+class StreamLoader(EpochLoader):
+    """Streaming loader: one pass of `for batch in loader` is one epoch, as with `mapstyle.StoreLoader`.
 
     Resuming: the stream's order is a pure function of (seed, epoch, rank, world size,
-    num_workers), so `load_state_dict` replays the epoch and drops the batches the
-    consumer had already received; the rest is identical to an uninterrupted run. The
-    saved layout must match: a state from another layout is refused.
+    num_workers), so resuming replays the epoch and drops the batches the consumer had
+    already received; the rest is identical to an uninterrupted run. The saved layout must
+    match: a state from another layout is refused. Policy changes (adaptive mode) reach
+    DataLoader workers when an epoch starts, so workers are never persistent.
     """
 
     def __init__(self, dataset: StreamingVariantDataset, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__(["clean", *dataset.manifest.variant_names])
         self.dataset = dataset
+        self.policy = dataset.policy
         self.num_workers = num_workers
         self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                                      pin_memory=pin_memory)
-        self.epoch = dataset.epoch
-        self._adapted_epoch: int | None = None
-        self._names = ["clean", *dataset.manifest.variant_names]
-        self._counts = np.zeros(len(self._names), dtype=np.int64)
-        self._consumed = 0
-        self._skip = 0
+        slots = dataset.world_size * max(1, num_workers)
+        if dataset.count < slots:
+            raise SamplerError(f"split '{dataset.split}' has {dataset.count} images, fewer than the {slots} readers "
+                               "(ranks x DataLoader workers): use fewer workers or ranks")
+        self._length = max(1, num_workers) * dataset.batches_per_slot(slots)
+        if not self._length:
+            raise SamplerError(f"split '{dataset.split}' has {dataset.count} images: no full batch of "
+                               f"{dataset.batch_size} per reader with drop_last ({slots} readers)")
 
-    @property
-    def policy(self) -> Policy:
-        return self.dataset.policy
+    def __len__(self) -> int:
+        return self._length
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def update(self, errors: dict[str, float]) -> None:
-        """Per-variant error rates or losses for adaptive mode; they take effect at the next epoch."""
-        self.policy.update(errors)
-
-    @property
-    def epoch_counts(self) -> dict[str, int]:
-        """Realised draws per variant in the epoch under way (or the last one finished)."""
-        return dict(zip(self._names, self._counts.tolist(), strict=True))
-
-    def metrics(self) -> dict[str, float]:
-        """For a trainer's metrics: `sampler/<variant>` counts and `sampler/adversarial_fraction`."""
-        total = self._counts.sum()
-        return {**{f"sampler/{name}": count for name, count in self.epoch_counts.items()},
-                "sampler/adversarial_fraction": float(self._counts[1:].sum() / total) if total else 0.0}
-
-    def _layout(self) -> dict:
+    def layout(self) -> dict:
         return {"seed": self.policy.seed, "rank": self.dataset.rank, "world_size": self.dataset.world_size,
                 "num_workers": self.num_workers, "batch_size": self.dataset.batch_size}
 
-    def state_dict(self) -> dict:
-        """JSON-serialisable: epoch, batches the consumer received, policy state, this epoch's counts, layout."""
-        return {"epoch": self.epoch, "batches_consumed": self._consumed, "adapted_epoch": self._adapted_epoch,
-                "policy": self.policy.state_dict(), "counts": self._counts.tolist(), "layout": self._layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["layout"] != self._layout():
-            raise SamplerError(f"cannot resume: the saved stream layout {state['layout']} differs from this "
-                               f"loader's {self._layout()}")
-        self.epoch, self._adapted_epoch = int(state["epoch"]), state["adapted_epoch"]
-        self.policy.load_state_dict(state["policy"])
-        self._skip = self._consumed = int(state["batches_consumed"])
-        self._counts = np.array(state["counts"], dtype=np.int64)
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self._adapted_epoch != self.epoch:
-            self.policy.adapt()
-            self._adapted_epoch = self.epoch
-        if not self._skip:
-            self._counts[:], self._consumed = 0, 0
-        self.dataset.set_epoch(self.epoch)
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        self.dataset.set_epoch(epoch)
         for index, batch in enumerate(self.dataloader):
-            if index < self._skip:
-                continue
-            self._counts += np.bincount(np.atleast_1d(batch["variant"].numpy()), minlength=len(self._names))
-            self._consumed += 1
-            yield batch
-        self._skip = 0
-        log.info("epoch %d sampler counts: %s", self.epoch, self.epoch_counts)
-        self.epoch += 1
+            if index >= skip:
+                yield batch
 
 
 def make_stream_loader(location: str | os.PathLike, split: str = "train", sampler_config: SamplerConfig | None = None,
