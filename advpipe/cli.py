@@ -2,6 +2,7 @@
 
     advpipe run CONFIG            the main job: train the source model, generate the store, verify it
     advpipe train-source CONFIG   train the white-box source model the attacks run against
+    advpipe train CONFIG --method NAME    train one method from the store into a run directory
     advpipe generate CONFIG       fill a store with every variant of every image (Dask)
     advpipe inspect STORE         a readable card of a store (--grid out.png for a picture)
     advpipe verify STORE          checksums, counts, shapes; non-zero exit naming bad shards
@@ -52,18 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = config_command("run", "Main job: train the source model, generate the store, verify it.")
     _generation_options(run)
     config_command("train-source", "Train the white-box source model (plain cross-entropy) and save its checkpoint.")
+    train = config_command("train", "Train one method (config `methods`) from the store into a run directory.")
+    train.add_argument("--method", required=True,
+                       help="an entry of the config's `methods`, or a method name: clean, adversarial, dynamic, "
+                            "detector, calibrater, bang, perturbation_bias, weight_map")
+    train.add_argument("--out", type=Path, default=None,
+                       help="run directory (default: train.runs_dir/NAME/METHOD from the config)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     generate = config_command("generate", "Generate every variant of every image into the config's store.")
     _generation_options(generate)
 
     inspect = sub.add_parser("inspect", help="Print a readable card of a store.", description="Print a store's card.")
-    inspect.add_argument("store", type=Path)
+    inspect.add_argument("store", help="store directory or URL (http://..., s3://..., any fsspec URL)")
     inspect.add_argument("--grid", type=Path, default=None, help="also draw images x variants into this PNG")
     inspect.add_argument("--split", default="train", help="split drawn by --grid (default: train)")
     inspect.add_argument("-n", "--count", type=int, default=8, help="images drawn by --grid (default: 8)")
 
     verify = sub.add_parser("verify", help="Verify checksums, counts and shapes of every shard.",
                             description="Verify a store; exits 3 and names each bad shard if any.")
-    verify.add_argument("store", type=Path)
+    verify.add_argument("store", help="store directory or URL (http://..., s3://..., any fsspec URL)")
 
     sample = sub.add_parser("sample", help="Show what the sampler would yield under a policy.",
                             description="Run the sampler's policy over a store without training: expected vs "
@@ -106,14 +114,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("verify")
 def cmd_verify(args: argparse.Namespace) -> int:
-    from advpipe.stores.manifest import MANIFEST_NAME, read_manifest
+    from advpipe.stores.source import ShardSource
 
-    if not (args.store / MANIFEST_NAME).is_file():
-        read_manifest(args.store)  # raises: no directory or an unfinished store is bad input (2), not corruption (3)
+    source = ShardSource(args.store)
+    if not source.has_manifest():
+        source.manifest()  # raises: no directory or an unfinished store is bad input (2), not corruption (3)
     return _verify(args.store)
 
 
-def _verify(store: Path, prefix: str = "") -> int:
+def _verify(store: Path | str, prefix: str = "") -> int:
     """Print the verification result; 0 when the store is sound, 3 (naming each bad shard) when not."""
     from advpipe.stores import verify_store
 
@@ -196,6 +205,24 @@ def _train_source(args: argparse.Namespace, config) -> str:
 
     path, metrics = train_source(config, device=args.device)
     return f"source model written to {path}: test accuracy {metrics['test_acc']:.4f}"
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from advpipe.config import load_config
+    from advpipe.trainers import distributed
+    from advpipe.trainers.run import train
+
+    try:
+        result = train(load_config(args.config), args.method, out=args.out, resume=args.resume, device=args.device)
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        last = result.history[-1] if result.history else {}
+        accuracy = last.get("eval_acc")
+        print(f"{args.method}: {result.status}; model {result.model_path}"
+              + (f", test accuracy (clean) {accuracy:.4f}" if accuracy is not None else ""))
+    return 0
 
 
 @command("train-source")

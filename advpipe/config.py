@@ -9,13 +9,14 @@ wasted cluster run.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advpipe.errors import ConfigError
+from advpipe.errors import ConfigError, describe_validation_error
 
 SPLITS = ("train", "test")
 
@@ -36,7 +37,7 @@ class SourceConfig(Section):
     image_size: int | None = Field(default=None, ge=4, le=1024)
     channels: Literal[1, 3] | None = None
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, description="seeds numpy's generator, which refuses negatives")
     limit: int | None = Field(default=None, ge=1, description="keep only the first N images per split")
 
     @model_validator(mode="after")
@@ -65,6 +66,30 @@ class OptimConfig(Section):
     num_workers: int = Field(default=0, ge=0)
 
 
+class TrainConfig(OptimConfig):
+    """Optimisation shared by every method that `advpipe train` runs, and where runs go."""
+
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, none on CPU
+    checkpoint_every: int = Field(default=0, ge=0, description="also checkpoint every N steps (0: per epoch)")
+    eval_batch_size: int = Field(default=512, ge=1)
+    runs_dir: Path = Path("runs")
+    tensorboard: bool = True
+
+
+class MethodConfig(BaseModel):
+    """One training method's entry: shared options plus the method's own parameters (checked by the method)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str | None = None  # the method to run; default: the entry's own name
+    augment: bool = False  # scenario A: random resized crop + horizontal flip (METHODS.md section 1)
+    data: Literal["clean", "adversarial", "both", "sampler"] | None = None  # None: the method's own default
+    arch: str | None = None  # the architecture to train; default: model.arch
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class VariantConfig(BaseModel):
     """One stored variant: a generator plus its parameters (validated by the generator)."""
 
@@ -72,6 +97,8 @@ class VariantConfig(BaseModel):
 
     generator: str | None = None
     backend: Literal["art", "native"] | None = None  # None: the generator's default (its first backend)
+    #: how this variant is stored, when not as store.precision (float32 keeps boundary-minimal attacks exact)
+    precision: Literal["float16", "float32"] | None = None
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -147,7 +174,7 @@ class SamplerConfig(Section):
     redraw: Literal["epoch", "batch", "sample"] = "epoch"
     adaptive: bool = False
     adapt_rate: float = Field(default=0.5, ge=0, le=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=128, ge=1)
     pair_clean: bool = False
 
@@ -161,7 +188,8 @@ class SamplerConfig(Section):
 
 class Config(Section):
     name: str = "experiment"
-    seed: int = 0
+    #: Seeds every per-image generator stream (numpy SeedSequence, which refuses negatives).
+    seed: int = Field(default=0, ge=0)
     device: str = "auto"
     source: SourceConfig = SourceConfig()
     model: ModelConfig = ModelConfig()
@@ -170,6 +198,8 @@ class Config(Section):
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
     generation: GenerationConfig = GenerationConfig()
     sampler: SamplerConfig = SamplerConfig()
+    train: TrainConfig = TrainConfig()
+    methods: dict[str, MethodConfig] = Field(default_factory=dict)
 
     @field_validator("variants")
     @classmethod
@@ -201,34 +231,30 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
-    _validate_variants(config, origin)
+        raise ConfigError("\n".join(describe_validation_error(exc, f"{origin}: "))) from None
+    _check_plugin_entries(config, origin)
     return config
 
 
-def _validate_variants(config: Config, origin: str) -> None:
-    from advpipe.pipeline.generators import validate_variant  # light import: no ART
-
-    for name, variant in config.variants.items():
-        try:
-            validate_variant(name, variant)
-        except ConfigError as exc:
-            raise ConfigError(f"{origin}: variants.{name}: {exc}") from None
+#: Entries of these sections name a plugin (a generator, a training method) whose own typed
+#: parameters check them. The plugins live in the layers above the config and are found by
+#: module path when a config is checked, so this module imports neither.
+PLUGIN_CHECKS = {"variants": "advpipe.pipeline.generators:validate_variant",
+                 "methods": "advpipe.trainers.registry:validate_method"}
 
 
-def _describe(exc: ValidationError, origin: str) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown key '{key}' (check its spelling against the docs)")
-        elif error["type"] == "missing":
-            lines.append(f"{origin}: missing key '{key}'")
-        else:
-            message = error["msg"].removeprefix("Value error, ")
-            shown = f" (got {error['input']!r})" if not isinstance(error["input"], dict) else ""
-            lines.append(f"{origin}: key '{key}': {message}{shown}")
-    return "\n".join(lines)
+def _check_plugin_entries(config: Config, origin: str) -> None:
+    for section, target in PLUGIN_CHECKS.items():
+        entries = getattr(config, section)
+        if not entries:
+            continue
+        module, _, function = target.partition(":")
+        check = getattr(importlib.import_module(module), function)
+        for name, entry in entries.items():
+            try:
+                check(name, entry)
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}: {section}.{name}: {exc}") from None
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from advpipe.batch import Batch
 from advpipe.config import Config, OptimConfig, config_from_dict
 from advpipe.models import check_compatible, load_checkpoint
-from advpipe.trainers.clean import CleanMethod, train_source
+from advpipe.trainers.baselines import CleanMethod
+from advpipe.trainers.clean import train_source
 from advpipe.trainers.loop import Method, StepContext, TrainingError, evaluate, fit
 
 # A short schedule that still learns digits well (suggested configs/digits.yaml values, fewer epochs).

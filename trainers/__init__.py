@@ -1,5 +1,6 @@
 """Training: one shared loop (`advpipe.trainers.loop`) and one module per method (`advpipe.trainers.clean`, ...)."""
 
-from advpipe.trainers.loop import Method, StepContext, TrainingError, evaluate, fit
+from advpipe.errors import TrainingError
+from advpipe.trainers.loop import Checkpointing, Method, StepContext, evaluate, fit
 
-__all__ = ["Method", "StepContext", "TrainingError", "evaluate", "fit"]
+__all__ = ["Checkpointing", "Method", "StepContext", "TrainingError", "evaluate", "fit"]

@@ -13,59 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from advpipe.batch import Batch
 from advpipe.config import Config
 from advpipe.datasets import SourceSplit, load_source
 from advpipe.devices import resolve_device
 from advpipe.errors import ModelError
 from advpipe.models import build_model, save_checkpoint
-from advpipe.trainers.loop import Method, StepContext, accuracy, fit
+from advpipe.sampler.mapstyle import StoreLoader
+from advpipe.sampler.source import source_loader
+from advpipe.trainers.baselines import CleanMethod
+from advpipe.trainers.loop import fit
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 512
 
 
-class CleanMethod(Method):
-    """Cross-entropy on whatever images the batch holds (extras are ignored)."""
-
-    name = "clean"
-
-    def training_step(self, model: nn.Module, batch: Batch,
-                      ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
-        logits = model(batch.x)
-        return F.cross_entropy(logits, batch.y), {"acc": accuracy(logits, batch.y)}
-
-
-def images_to_tensor(images: np.ndarray) -> Tensor:
-    """uint8 (N, H, W, C) -> uint8 (N, C, H, W) tensor; scaling to [0, 1] happens per batch."""
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # copy: sources are read-only
-
-
-def collate_unit_float(items: list[tuple[Tensor, Tensor, Tensor]]) -> Batch:
-    """Stack (image, label, index) items into a clean Batch, scaling the uint8 images to float [0, 1].
-
-    The dataset keeps uint8 (a quarter of float32's memory; CIFAR-10 is 150 MB
-    instead of 600 MB) and only each batch becomes float.
-    """
-    images, labels, indices = (torch.stack(column) for column in zip(*items, strict=True))
-    return Batch.clean(images.float().div_(255), labels, indices)
-
-
 def split_loader(split: SourceSplit, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 num_workers: int = 0) -> DataLoader:
-    """Clean Batches of a source split (x float [0, 1] NCHW, y, index; variant 0); shuffling is seeded."""
-    labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
-    dataset = TensorDataset(images_to_tensor(split.images), labels, torch.arange(len(labels)))
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, collate_fn=collate_unit_float)
+                 num_workers: int = 0) -> StoreLoader:
+    """Clean Batches of a source split (x float [0, 1] NCHW, y, index; variant 0); shuffled per epoch by seed."""
+    return source_loader(split, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers)
 
 
 def train_source(config: Config, device: torch.device | str | None = None,

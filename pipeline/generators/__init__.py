@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from advpipe.errors import ConfigError
+from advpipe.errors import ConfigError, describe_validation_error
 
 if TYPE_CHECKING:
     from advpipe.config import VariantConfig
@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "gaussian": "advpipe.pipeline.generators.gaussian:GaussianGenerator",
     "fgsm": "advpipe.pipeline.generators.fgsm:FGSMGenerator",
     "bim": "advpipe.pipeline.generators.bim:BIMGenerator",
+    "pgd": "advpipe.pipeline.generators.pgd:PGDGenerator",
     "deepfool": "advpipe.pipeline.generators.deepfool:DeepFoolGenerator",
     "cw": "advpipe.pipeline.generators.cw:CarliniWagnerGenerator",
     "style": "advpipe.pipeline.generators.style:StyleTransferGenerator",
@@ -60,15 +61,7 @@ def validate_variant(variant_name: str, variant: VariantConfig) -> GeneratorPara
     try:
         params = cls.params_model.model_validate(variant.params())
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(p) for p in error["loc"])
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown parameter '{key}'")
-            else:
-                problems.append(f"parameter '{key}': {error['msg'].removeprefix('Value error, ')}"
-                                f" (got {error['input']!r})")
-        raise ConfigError("; ".join(problems)) from None
+        raise ConfigError("; ".join(describe_validation_error(exc, noun="parameter"))) from None
     try:
         return cls.resolve_params(params, backend)
     except ValueError as exc:
