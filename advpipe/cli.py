@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="Rewrite a store with another backend.",
                              description="Rewrite a store with another backend; stored values are unchanged.")
-    convert.add_argument("source", type=Path)
+    convert.add_argument("source", help="store directory or URL to convert")
     convert.add_argument("target", type=Path)
     convert.add_argument("--to", choices=["hdf5", "webdataset"], required=True, dest="backend")
     convert.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="HDF5 only")
@@ -215,9 +215,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         result = train(load_config(args.config), args.method, out=args.out, resume=args.resume, device=args.device)
+        main_rank = distributed.is_main()
     finally:
         distributed.shutdown()
-    if distributed.is_main():
+    if main_rank:
         last = result.history[-1] if result.history else {}
         accuracy = last.get("eval_acc")
         print(f"{args.method}: {result.status}; model {result.model_path}"

@@ -110,3 +110,12 @@ def gather_objects(items: list) -> list:
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's value on every rank (a small picklable Python value)."""
+    if not active():
+        return value
+    holder = [value if is_main() else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

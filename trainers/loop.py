@@ -131,6 +131,11 @@ class Method(ABC):
     def teardown(self, model: nn.Module) -> None:
         """Once after training, also after an error (remove hooks)."""
 
+    def export(self, model: nn.Module) -> nn.Module:
+        """The model as it is saved for use: an ordinary model of its registry architecture (a method
+        that changed its layers, such as the perturbation bias, returns a folded copy)."""
+        return model
+
 
 def regime_sampler(data: DataRegime, base: SamplerConfig, attacks: list[str]) -> SamplerConfig:
     if data == "sampler":

@@ -69,7 +69,7 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
     context = _context(config, store, entry)
     run_dir = Path(out) if out is not None else config.train.runs_dir / config.name / name
     settings = _settings(config, name, entry, store, context)
-    status = _claim_run_dir(run_dir, settings, resume)
+    status = distributed.broadcast_object(_claim_run_dir(run_dir, settings, resume) if distributed.is_main() else None)
     if status == "up-to-date":
         log.info("%s: %s already trained with these settings; nothing to do", run_dir, name)
         return RunResult(run_dir, status, read_metrics(run_dir), run_dir / MODEL_FILE)
@@ -89,7 +89,7 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
         writer.truncate(0)
 
     def save_model(state) -> None:
-        save_checkpoint(run_dir / MODEL_FILE, state.model, store.manifest.class_names,
+        save_checkpoint(run_dir / MODEL_FILE, method.export(state.model), store.manifest.class_names,
                         {"method": name, "settings": settings["fingerprint"], "epochs": state.epoch,
                          "history": state.history})
 

@@ -13,12 +13,13 @@ from advpipe.models.mobilenet import MobileNetV2Cifar
 from advpipe.models.resnet import CifarResNet18, CifarResNet34
 from advpipe.models.torchvision_adapter import PREFIX, TorchvisionModel
 from advpipe.models.vgg import VGG16Cifar
+from advpipe.models.weight_map import WEIGHT_MAP_MODELS
 
 Builder = Callable[[int, tuple[int, int, int]], SourceModel]
 
 BUILDERS: dict[str, Builder] = {
     cls.arch: cls
-    for cls in (LeNet, CifarResNet18, CifarResNet34, MobileNetV2Cifar, VGG16Cifar, CaffeQuick)
+    for cls in (LeNet, CifarResNet18, CifarResNet34, MobileNetV2Cifar, VGG16Cifar, CaffeQuick, *WEIGHT_MAP_MODELS)
 }
 #: the built-in architectures; any `torchvision:<name>` classifier is accepted too
 ARCHITECTURES: tuple[str, ...] = tuple(BUILDERS)

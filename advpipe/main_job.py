@@ -1,0 +1,78 @@
+"""`advpipe run CONFIG`: the main job, from source images to a comparison of training methods.
+
+    [1/6] train the source model (the white-box model every attack runs against)
+    [2/6] generate the train and test store with every variant
+    [3/6] verify the store
+    [4/6] train every method the config lists (`methods`)
+    [5/6] evaluate each trained model on the store's test split
+    [6/6] write the comparison report and print its headline table
+
+Each step is reused when its output is up to date: the source model and store by their
+fingerprints, a run directory by its settings (a changed method setting retrains that method
+only), an evaluation by the fingerprints of the model and store it measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from advpipe.config import Config
+
+log = logging.getLogger(__name__)
+
+STEPS = 6
+
+
+@dataclass
+class JobOptions:
+    device: str | None = None
+    cluster: str | None = None
+    scheduler: str | None = None
+    force: bool = False
+    progress: bool = True
+
+
+def run_main_job(config: Config, options: JobOptions, say: Callable[[str], None]) -> int:
+    """Run every step; returns the exit status (3 when the store fails verification)."""
+    from advpipe.pipeline.job import generate
+    from advpipe.stores import verify_store
+    from advpipe.trainers.clean import source_model_is_current, train_source
+
+    if source_model_is_current(config):
+        say(f"[1/{STEPS}] source model {config.model.checkpoint} is up to date")
+    else:
+        path, metrics = train_source(config, device=options.device, progress=options.progress)
+        say(f"[1/{STEPS}] source model written to {path}: test accuracy {metrics['test_acc']:.4f}")
+    outcome = generate(config, cluster=options.cluster, scheduler=options.scheduler, force=options.force,
+                       device=options.device, progress=options.progress)
+    say(f"[2/{STEPS}] store {config.store.path} {outcome.status}: {outcome.computed} shard(s) computed, "
+        f"{outcome.reused} reused")
+    report = verify_store(config.store.path, progress=options.progress)
+    if not report.ok:
+        for problem in report.problems:
+            say(f"FAIL {problem}")
+        return 3
+    say(f"[3/{STEPS}] store verified: {report.shards} shards, {report.samples} samples")
+    run_dirs = train_methods(config, options, say)
+    evaluations = evaluate_runs(config, run_dirs, options, say)
+    say(write_comparison(config, evaluations, say))
+    return 0
+
+
+def train_methods(config: Config, options: JobOptions, say: Callable[[str], None]) -> dict[str, Path]:
+    from advpipe.trainers.run import train
+
+    if not config.methods:
+        say(f"[4/{STEPS}] the config lists no methods: nothing to train")
+        return {}
+    run_dirs = {}
+    for index, name in enumerate(config.methods, 1):
+        result = train(config, name, device=options.device, progress=options.progress)
+        accuracy = result.history[-1].get("eval_acc") if result.history else None
+        shown = f", clean test accuracy {accuracy:.4f}" if accuracy is not None else ""
+        say(f"[4/{STEPS}] method {index}/{len(config.methods)} {name}: {result.status}{shown}")
+        run_dirs[name] = result.run_dir
+    return run_dirs

@@ -1,0 +1,248 @@
+"""Adversarial perturbation bias (METHODS.md section 5; seed 003, section 3, Algs. 1-2).
+
+The biases of a model's fully connected layers become perturbation biases:
+`y = W x + d`. The optimiser never updates `d`; after each backward pass it
+takes an FGSM step instead, so the network keeps training against a bias that
+moves to raise its loss (ascent, the paper's reading and the default) or, as
+an option, to lower it (descent):
+
+- naive:      d <- d +/- eps_ap * sign(sum over the batch of dL/dy)
+- multimodal: d = m @ W_ap with memories m (1 x h) and bias weights W_ap (h x n);
+              m <- m +/- eps_ap * sign(W_ap @ sum dL/dy), W_ap is trained like any weight.
+
+Autograd already computes those sums: they are exactly dL/dd and dL/dm, so a
+step costs one sign per bias element. After training `fold_perturbation_bias`
+turns every layer back into a plain `nn.Linear` whose bias is the final d
+(m and W_ap are dropped), so the saved model is an ordinary model of its
+registry architecture. Which images it trains on (clean only, adversarial only,
+both) is the sampler's policy; the method takes whatever `batch.x` holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+from advpipe.batch import Batch
+from advpipe.errors import ConfigError, ModelError, describe_validation_error
+from advpipe.trainers.baselines import cross_entropy_step
+from advpipe.trainers.loop import Method, StepContext
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["naive", "multimodal"]
+Direction = Literal["ascent", "descent"]
+
+
+class PerturbationBiasParams(BaseModel):
+    """Perturbation-bias parameters; `layers` names the nn.Linear modules to convert (default: all with a bias)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind = "naive"
+    #: FGSM step per element per batch (> 0); the paper does not state its value
+    eps_ap: float = Field(0.01, gt=0, allow_inf_nan=False)
+    #: h, the number of bias memories of the multimodal form (the paper tries 625 to 10000)
+    memories: int = Field(625, ge=1)
+    direction: Direction = "ascent"
+    layers: tuple[str, ...] | None = None
+    #: replace the layers by plain nn.Linear when training ends (teardown)
+    fold_at_end: bool = True
+
+
+def perturbation_bias_params(**values: Any) -> PerturbationBiasParams:
+    """Validated parameters; bad values become a ConfigError naming the field."""
+    try:
+        return PerturbationBiasParams(**values)
+    except ValidationError as exc:
+        raise ConfigError("perturbation_bias: " + "; ".join(describe_validation_error(exc, noun="parameter"))
+                          ) from None
+
+
+def _check_eps(eps_ap: float, where: str) -> None:
+    if not (math.isfinite(eps_ap) and eps_ap > 0):
+        raise ConfigError(f"{where} = {eps_ap}: the FGSM step of the perturbation bias must be a positive number "
+                          "(e.g. 0.01)")
+
+
+class PerturbationBiasLinear(nn.Module):
+    """`y = W x + d` with d naive (a vector) or multimodal (`m @ W_ap`); d and m move only by `fgsm_step`."""
+
+    def __init__(self, in_features: int, out_features: int, *, kind: Kind = "naive", eps_ap: float = 0.01,
+                 memories: int = 625, direction: Direction = "ascent", name: str = "",
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.name = name or f"PerturbationBiasLinear({in_features}->{out_features})"
+        _check_eps(eps_ap, f"perturbation-bias layer '{self.name}': eps_ap")
+        if kind not in ("naive", "multimodal") or direction not in ("ascent", "descent"):
+            raise ConfigError(f"perturbation-bias layer '{self.name}': kind must be naive or multimodal and "
+                              f"direction ascent or descent, got {kind!r} / {direction!r}")
+        if kind == "multimodal" and memories < 1:
+            raise ConfigError(f"perturbation-bias layer '{self.name}': needs at least one bias memory, got {memories}")
+        self.in_features, self.out_features = in_features, out_features
+        self.kind, self.eps_ap, self.direction = kind, float(eps_ap), direction
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        if kind == "naive":
+            self.perturbation = nn.Parameter(torch.zeros(out_features, **factory))
+        else:
+            # m starts at zero (d = 0, like a fresh bias); W_ap like a linear layer's weight over h inputs.
+            self.memories = nn.Parameter(torch.zeros(1, memories, **factory))
+            bound = 1.0 / math.sqrt(memories)
+            self.memory_weight = nn.Parameter(torch.empty(memories, out_features, **factory).uniform_(-bound, bound))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "", **options: Any) -> PerturbationBiasLinear:
+        """Take over `linear`'s weight (the same Parameter); a naive d starts at its bias: the same outputs."""
+        layer = cls(linear.in_features, linear.out_features, name=name, device=linear.weight.device,
+                    dtype=linear.weight.dtype, **options)
+        layer.weight = linear.weight
+        if layer.kind == "naive" and linear.bias is not None:
+            with torch.no_grad():
+                layer.perturbation.copy_(linear.bias)
+        return layer
+
+    def bias(self) -> Tensor:
+        """d, the perturbation bias added to W x."""
+        if self.kind == "naive":
+            return self.perturbation
+        return (self.memories @ self.memory_weight).squeeze(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias())
+
+    def adversarial_parameters(self) -> list[nn.Parameter]:
+        """What FGSM moves and the optimiser must never see: d (naive) or m (multimodal)."""
+        return [self.perturbation] if self.kind == "naive" else [self.memories]
+
+    @torch.no_grad()
+    def fgsm_step(self) -> None:
+        """d (or m) += eps_ap * sign(its gradient), or -= for descent; the gradient is then cleared."""
+        step = self.eps_ap if self.direction == "ascent" else -self.eps_ap
+        for param in self.adversarial_parameters():
+            if param.grad is not None:
+                param.add_(param.grad.sign(), alpha=step)
+                param.grad = None
+
+    def fold(self) -> nn.Linear:
+        """A plain nn.Linear with the same weight and bias d: the same outputs, m and W_ap dropped."""
+        linear = nn.Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight = self.weight
+        with torch.no_grad():
+            linear.bias.copy_(self.bias().detach())
+        return linear
+
+    def extra_repr(self) -> str:
+        extra = f", memories={self.memories.shape[1]}" if self.kind == "multimodal" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}{extra}, "
+                f"eps_ap={self.eps_ap}, direction={self.direction}")
+
+
+def perturbation_bias_layers(model: nn.Module) -> list[tuple[str, PerturbationBiasLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PerturbationBiasLinear)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def add_perturbation_bias(model: nn.Module, params: PerturbationBiasParams) -> list[str]:
+    """Replace the biases of `model`'s nn.Linear layers (all with a bias, or `params.layers`) in place.
+
+    Returns the converted layer names. Bias-less layers are skipped: folding must
+    give back the architecture's own state-dict layout.
+    """
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    if params.layers is None:
+        chosen = [name for name, m in linears.items() if m.bias is not None]
+        if not chosen:
+            detail = "fully connected layer" if not linears else "fully connected layer with a bias"
+            raise ModelError(f"perturbation_bias: model {type(model).__name__} has no {detail} to carry a "
+                             "perturbation bias")
+    else:
+        chosen = list(params.layers)
+        for name in chosen:
+            if name not in linears:
+                raise ConfigError(f"perturbation_bias.layers names '{name}', which is not an nn.Linear of "
+                                  f"{type(model).__name__} (its Linear layers: {', '.join(linears) or 'none'})")
+            if linears[name].bias is None:
+                raise ConfigError(f"perturbation_bias.layers names '{name}', which has no bias to replace; "
+                                  "folding it would not give back the architecture")
+    options = {"kind": params.kind, "eps_ap": params.eps_ap, "memories": params.memories,
+               "direction": params.direction}
+    for name in chosen:
+        _set_submodule(model, name, PerturbationBiasLinear.from_linear(linears[name], name=name, **options))
+    return chosen
+
+
+def fold_perturbation_bias(model: nn.Module) -> int:
+    """Replace every PerturbationBiasLinear by its plain nn.Linear fold; returns how many were folded."""
+    layers = perturbation_bias_layers(model)
+    for name, layer in layers:
+        _set_submodule(model, name, layer.fold())
+    return len(layers)
+
+
+class PerturbationBiasMethod(Method):
+    """Cross-entropy on `batch.x` with perturbation biases in the fully connected layers, stepped by FGSM."""
+
+    name = "perturbation_bias"
+    params_model: ClassVar[type[BaseModel]] = PerturbationBiasParams
+    params: PerturbationBiasParams
+
+    def __init__(self, params: PerturbationBiasParams | None = None, **values: Any) -> None:
+        if params is not None and values:
+            raise ConfigError("give perturbation_bias either a PerturbationBiasParams or keyword values, not both")
+        super().__init__(params if params is not None else perturbation_bias_params(**values))
+        self._layers: list[PerturbationBiasLinear] = []
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        existing = perturbation_bias_layers(model)
+        if not existing:
+            names = add_perturbation_bias(model, self.params)
+            log.info("perturbation_bias: %s %s bias (eps_ap %g) in %s", self.params.direction, self.params.kind,
+                     self.params.eps_ap, ", ".join(names))
+        self._layers = [layer for _, layer in perturbation_bias_layers(model)]
+
+    def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        moved_by_fgsm = {id(p) for layer in self._layers for p in layer.adversarial_parameters()}
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in moved_by_fgsm]
+
+    def training_step(self, model: nn.Module, batch: Batch,
+                      ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
+        return cross_entropy_step(model, batch)
+
+    def after_backward(self, model: nn.Module, batch: Batch, ctx: StepContext) -> None:
+        for layer in self._layers:
+            layer.fgsm_step()
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, record: dict[str, Any]) -> None:
+        if self._layers:
+            with torch.no_grad():
+                record["perturbation_bias_abs"] = float(torch.stack(
+                    [layer.bias().abs().mean() for layer in self._layers]).mean())
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """What to save as the run's model file mid-training: a folded copy, an ordinary registry model."""
+        if not perturbation_bias_layers(model):
+            return model
+        folded = copy.deepcopy(model)
+        fold_perturbation_bias(folded)
+        return folded
+
+    def teardown(self, model: nn.Module) -> None:
+        if self.params.fold_at_end:
+            folded = fold_perturbation_bias(model)
+            if folded:
+                log.info("perturbation_bias: folded %d layers into plain nn.Linear", folded)
+        self._layers = []
