@@ -131,6 +131,9 @@ class Method(ABC):
     def teardown(self, model: nn.Module) -> None:
         """Once after training, also after an error (remove hooks)."""
 
+    def save_artifacts(self, run_dir: Path) -> None:
+        """Write the method's own products beside the run's model file (e.g. the calibrater network)."""
+
     def export(self, model: nn.Module) -> nn.Module:
         """The model as it is saved for use: an ordinary model of its registry architecture (a method
         that changed its layers, such as the perturbation bias, returns a folded copy)."""

@@ -92,6 +92,7 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
         save_checkpoint(run_dir / MODEL_FILE, method.export(state.model), store.manifest.class_names,
                         {"method": name, "settings": settings["fingerprint"], "epochs": state.epoch,
                          "history": state.history})
+        method.save_artifacts(run_dir)
 
     checkpoint = Checkpointing(run_dir / STATE_FILE, every_steps=config.train.checkpoint_every, resume=resume,
                                on_save=save_model)
