@@ -15,11 +15,15 @@ from advpipe.batch import Batch
 from advpipe.config import OptimConfig
 from advpipe.errors import ConfigError, ModelError
 from advpipe.trainers import bang as bang_module
-from advpipe.trainers.bang import PRESETS, BangMethod, BangParams, bang_layers, bang_params, bang_scale, preset
+from advpipe.trainers.bang import PRESETS, BangMethod, BangParams, bang_layers, bang_scale, preset
 from advpipe.trainers.loop import fit
 
 CLASSES = 4
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+
+def bang_params_of(**values):
+    return BangMethod(**values).params
 
 
 def conv_linear_net(seed: int = 1) -> nn.Sequential:
@@ -211,14 +215,14 @@ def test_bad_input_is_refused_with_the_offending_name() -> None:
         BangMethod().setup(nn.Sequential(nn.ReLU(), nn.Flatten()), torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"bang.layer_beta names fc9"):
         BangMethod(layer_beta={"fc9": 2.0}).setup(conv_linear_net(), torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"bang: parameter 'eps': Input should be greater than or equal to 0"):
-        bang_params(eps=-0.1)
+    with pytest.raises(ConfigError, match=r"method 'bang': parameter 'eps': Input should be greater than or equal to 0"):
+        bang_params_of(eps=-0.1)
     with pytest.raises(ConfigError, match=r"parameter 'misclassified_ratio'"):
         BangMethod(misclassified_ratio=-1)
     with pytest.raises(ConfigError, match=r"parameter 'layer_eps.0'"):
-        bang_params(layer_eps={"0": -1.0})
+        bang_params_of(layer_eps={"0": -1.0})
     with pytest.raises(ConfigError, match="unknown parameter 'epsilon'"):
-        bang_params(epsilon=0.8)
+        bang_params_of(epsilon=0.8)
     with pytest.raises(ConfigError, match="parameter 'preset'"):
-        bang_params(preset="imagenet")
-    assert math.isclose(bang_params(eps=0.8).eps, 0.8)
+        bang_params_of(preset="imagenet")
+    assert math.isclose(bang_params_of(eps=0.8).eps, 0.8)

@@ -252,7 +252,7 @@ def test_mismatched_checkpoint_and_bad_parameters_are_refused(tmp_path: Path) ->
     with pytest.raises(ModelError, match="holds a 'lenet' model but the trained model is 'caffe_quick'"):
         fit(other, method, [], optim=ADAM, progress=False)
     assert model_fingerprint(other) == before
-    with pytest.raises(ConfigError, match="unknown parameter of method 'calibrater' 'merg'"):
+    with pytest.raises(ConfigError, match="method 'calibrater': unknown parameter 'merg'"):
         CalibraterMethod({"merg": "additive"}, checkpoint=path, variant_names=names)
     with pytest.raises(ConfigError, match="'merge'"):
         CalibraterMethod({"merge": "divide"}, checkpoint=path, variant_names=names)

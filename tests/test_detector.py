@@ -241,7 +241,7 @@ def test_missing_checkpoint_unknown_parameter_and_clean_only_store_are_clear_err
         DetectorMethod(checkpoint=tmp_path / "absent.pt", variant_names=["clean", "fgsm"])
     with pytest.raises(ConfigError, match="needs the clean model P"):
         DetectorMethod(variant_names=["clean", "fgsm"])
-    with pytest.raises(ConfigError, match="unknown parameter of method 'detector' 'layerz'"):
+    with pytest.raises(ConfigError, match="method 'detector': unknown parameter 'layerz'"):
         DetectorMethod({"layerz": 4}, checkpoint=path, variant_names=["clean", "fgsm"])
     with pytest.raises(ConfigError, match="'layers'"):
         DetectorMethod({"layers": 12}, checkpoint=path, variant_names=["clean", "fgsm"])

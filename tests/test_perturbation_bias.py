@@ -176,7 +176,7 @@ def test_bad_input_is_refused_with_the_offending_name() -> None:
     with pytest.raises(ModelError, match="no fully connected layer with a bias"):
         PerturbationBiasMethod().setup(nn.Sequential(nn.Linear(3, 2, bias=False)), torch.device("cpu"))
     for bad in (0.0, -0.1, float("nan")):
-        with pytest.raises(ConfigError, match="perturbation_bias: parameter 'eps_ap'"):
+        with pytest.raises(ConfigError, match="method 'perturbation_bias': parameter 'eps_ap'"):
             PerturbationBiasMethod(eps_ap=bad)
     with pytest.raises(ConfigError, match="layer 'head.fc': eps_ap"):
         PerturbationBiasLinear(4, 2, eps_ap=0.0, name="head.fc")

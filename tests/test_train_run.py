@@ -192,7 +192,7 @@ def test_bad_input_is_refused_before_training(digits_store: tuple[Path, dict], t
     root, raw = digits_store
     with pytest.raises(ConfigError, match="unknown training method 'adverserial'"):
         train(config_from_dict(raw), "adverserial", out=tmp_path / "a", progress=False)
-    with pytest.raises(ConfigError, match=r"methods\.adversarial: unknown parameter of method 'adversarial' 'ratoi'"):
+    with pytest.raises(ConfigError, match=r"methods\.adversarial: method 'adversarial': unknown parameter 'ratoi'"):
         config_from_dict({**raw, "methods": {"adversarial": {"ratoi": 0.5}}})
     first = config_from_dict({**raw, "train": {**raw["train"], "epochs": 1}})
     train(first, "clean", out=tmp_path / "run", progress=False)

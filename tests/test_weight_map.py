@@ -17,9 +17,13 @@ from advpipe.models import ARCHITECTURES, build_model, load_checkpoint, save_che
 from advpipe.models.weight_map import WeightMap2d, check_weight_map_sizes, weight_map_layers
 from advpipe.trainers.loop import fit
 from advpipe.trainers.registry import MethodContext
-from advpipe.trainers.weight_map import WeightMapMethod, weight_map_params
+from advpipe.trainers.weight_map import WeightMapMethod
 
 WM_ARCHS = [arch for arch in ARCHITECTURES if arch.startswith("wm_")]
+
+
+def wm_params(**values):
+    return WeightMapMethod(**values).params
 
 
 def context(arch: str) -> MethodContext:
@@ -182,12 +186,12 @@ def test_bad_input_is_refused_with_the_layer_named() -> None:
         WeightMapMethod(reduction="smoothing").setup(build_model("wm_resnet_unsharp_alt", 10, (1, 16, 16)),
                                                      torch.device("cpu"))
     with pytest.raises(ConfigError, match="but the architecture is 'lenet'"):
-        WeightMapMethod.build(weight_map_params(), context(arch="lenet"))
+        WeightMapMethod.build(wm_params(), context(arch="lenet"))
     with pytest.raises(ConfigError, match="'wm_cnn_conv' is the plain-convolution twin"):
-        WeightMapMethod.build(weight_map_params(), context(arch="wm_cnn_conv"))
-    assert isinstance(WeightMapMethod.build(weight_map_params(layout="alternate"),
+        WeightMapMethod.build(wm_params(), context(arch="wm_cnn_conv"))
+    assert isinstance(WeightMapMethod.build(wm_params(layout="alternate"),
                                             context(arch="wm_densenet_smoothing_alt")), WeightMapMethod)
     with pytest.raises(ConfigError, match="parameter 'reduction'"):
-        weight_map_params(reduction="sharpen")
+        wm_params(reduction="sharpen")
     assert [name for name, _ in weight_map_layers(build_model("wm_cnn_unsharp", 10, (1, 8, 8)))] == [
         "stages.0.0", "stages.1.0", "stages.2.0"]

@@ -35,11 +35,11 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from advpipe.batch import Batch
-from advpipe.errors import ConfigError, ModelError, describe_validation_error
+from advpipe.errors import ConfigError, ModelError
 from advpipe.trainers.loop import Method, StepContext
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,6 @@ class BangPreset:
 
 PRESETS: dict[str, BangPreset] = {name: BangPreset(BangParams(preset=name), PRESET_BATCH_SIZES[name])  # type: ignore[arg-type]
                                   for name in PRESET_VALUES}
-
-
-def bang_params(**values: Any) -> BangParams:
-    """Validated parameters; bad values become a ConfigError naming the parameter."""
-    try:
-        return BangParams(**values)
-    except ValidationError as exc:
-        raise ConfigError("bang: " + "; ".join(describe_validation_error(exc, noun="parameter"))) from None
 
 
 def preset(name: str) -> BangPreset:
@@ -277,9 +269,7 @@ class BangMethod(Method):
     params: BangParams
 
     def __init__(self, params: BangParams | None = None, **values: Any) -> None:
-        if params is not None and values:
-            raise ConfigError("give BANG either a BangParams or keyword values, not both")
-        super().__init__(params if params is not None else bang_params(**values))
+        super().__init__(params, **values)
         self._batch = _BatchState()
         self._patched: list[nn.Module] = []
 

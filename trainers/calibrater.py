@@ -45,7 +45,7 @@ from advpipe.errors import ConfigError, ModelError, StoreError
 from advpipe.io import atomic_path
 from advpipe.models.files import load_tensor_file
 from advpipe.trainers import distributed
-from advpipe.trainers.detector import CLEAN, check_model, load_reference, parse_params
+from advpipe.trainers.detector import CLEAN, check_model, load_reference
 from advpipe.trainers.loop import DataRegime, Method, StepContext
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class CalibraterMethod(Method):
         `checkpoint` is the fallback for the parameters' one (the config's model.checkpoint);
         `arch`, `num_classes` and `input_shape` (C, H, W), when given, are what f must match.
         """
-        super().__init__(parse_params(self.name, CalibraterParams, params))
+        super().__init__(params)
         self.params: CalibraterParams
         names = list(variant_names)
         missing = [name for name in self.params.variants if name not in names]

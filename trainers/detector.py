@@ -34,12 +34,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from advpipe.batch import Batch
 from advpipe.config import SamplerConfig
-from advpipe.errors import ConfigError, ModelError, StoreError, describe_validation_error
+from advpipe.errors import ConfigError, ModelError, StoreError
 from advpipe.models import ModelMeta, SourceModel, load_checkpoint
 from advpipe.trainers import distributed
 from advpipe.trainers.loop import DataRegime, Method, StepContext, regime_sampler
@@ -77,16 +77,6 @@ class DetectorParams(BaseModel):
         if self.alpha == 0 and self.beta == 0:
             raise ValueError("alpha and beta are both 0: T would get no loss")
         return self
-
-
-def parse_params(method: str, model: type[BaseModel], raw: BaseModel | dict[str, Any] | None) -> Any:
-    """Validate a method's parameters (as the registry does); a problem is a ConfigError naming method and key."""
-    if isinstance(raw, model):
-        return raw
-    try:
-        return model.model_validate(dict(raw or {}))
-    except ValidationError as exc:
-        raise ConfigError("; ".join(describe_validation_error(exc, noun=f"parameter of method '{method}'"))) from None
 
 
 def load_reference(path: Path, *, what: str, arch: str | None = None, num_classes: int | None = None,
@@ -231,7 +221,7 @@ class DetectorMethod(Method):
         `variant_names` the store's variants (clean first); `arch`, `num_classes` and `input_shape`
         (C, H, W), when given, are what the checkpoint must match.
         """
-        super().__init__(parse_params(self.name, DetectorParams, params))
+        super().__init__(params)
         self.params: DetectorParams
         path = self.params.checkpoint or checkpoint
         if path is None:

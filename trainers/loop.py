@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from advpipe.batch import Batch
 from advpipe.config import OptimConfig, SamplerConfig
 from advpipe.devices import resolve_device
-from advpipe.errors import TrainingError
+from advpipe.errors import ConfigError, TrainingError, describe_validation_error
 from advpipe.faults import fault_point
 from advpipe.trainers import distributed
 from advpipe.trainers.augment import scenario_a
@@ -77,8 +77,10 @@ class Method(ABC):
     default_data: ClassVar[DataRegime] = "clean"  # which images it trains on unless the config says `data:`
     loader: Any = None  # the training loader, set by the loop before setup()
 
-    def __init__(self, params: BaseModel | None = None) -> None:
-        self.params = params if params is not None else self.params_model()
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None, **values: Any) -> None:
+        if params is not None and values:
+            raise ConfigError(f"give method '{self.name}' its parameters or keyword values, not both")
+        self.params = method_params(self.name, self.params_model, params if params is not None else values)
 
     @classmethod
     def build(cls, params: BaseModel, context: Any) -> Method:
@@ -138,6 +140,16 @@ class Method(ABC):
         """The model as it is saved for use: an ordinary model of its registry architecture (a method
         that changed its layers, such as the perturbation bias, returns a folded copy)."""
         return model
+
+
+def method_params(method: str, model: type[BaseModel], raw: BaseModel | dict[str, Any] | None) -> Any:
+    """A method's typed parameters; a problem is a ConfigError naming the method and the key."""
+    if isinstance(raw, model):
+        return raw
+    try:
+        return model.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        raise ConfigError("; ".join(describe_validation_error(exc, f"method '{method}': ", noun="parameter"))) from None
 
 
 def regime_sampler(data: DataRegime, base: SamplerConfig, attacks: list[str]) -> SamplerConfig:

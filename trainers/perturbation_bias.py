@@ -28,11 +28,11 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from advpipe.batch import Batch
-from advpipe.errors import ConfigError, ModelError, describe_validation_error
+from advpipe.errors import ConfigError, ModelError
 from advpipe.trainers.baselines import cross_entropy_step
 from advpipe.trainers.loop import Method, StepContext
 
@@ -56,15 +56,6 @@ class PerturbationBiasParams(BaseModel):
     layers: tuple[str, ...] | None = None
     #: replace the layers by plain nn.Linear when training ends (teardown)
     fold_at_end: bool = True
-
-
-def perturbation_bias_params(**values: Any) -> PerturbationBiasParams:
-    """Validated parameters; bad values become a ConfigError naming the field."""
-    try:
-        return PerturbationBiasParams(**values)
-    except ValidationError as exc:
-        raise ConfigError("perturbation_bias: " + "; ".join(describe_validation_error(exc, noun="parameter"))
-                          ) from None
 
 
 def _check_eps(eps_ap: float, where: str) -> None:
@@ -201,9 +192,7 @@ class PerturbationBiasMethod(Method):
     params: PerturbationBiasParams
 
     def __init__(self, params: PerturbationBiasParams | None = None, **values: Any) -> None:
-        if params is not None and values:
-            raise ConfigError("give perturbation_bias either a PerturbationBiasParams or keyword values, not both")
-        super().__init__(params if params is not None else perturbation_bias_params(**values))
+        super().__init__(params, **values)
         self._layers: list[PerturbationBiasLinear] = []
 
     def setup(self, model: nn.Module, device: torch.device) -> None:

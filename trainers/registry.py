@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from advpipe.config import MethodConfig
-from advpipe.errors import ConfigError, describe_validation_error
+from advpipe.errors import ConfigError
+from advpipe.trainers.loop import method_params
 
 REGISTRY: dict[str, str] = {
     "clean": "advpipe.trainers.baselines:CleanMethod",
@@ -60,12 +61,7 @@ def method_class(name: str) -> type:
 def validate_method(entry_name: str, entry: MethodConfig) -> BaseModel:
     """The method's typed parameters for a config entry; ConfigError naming the method and key otherwise."""
     name = method_name(entry_name, entry)
-    cls = method_class(name)
-    try:
-        return cls.params_model.model_validate(entry.params())
-    except ValidationError as exc:
-        problems = describe_validation_error(exc, noun=f"parameter of method '{name}'")
-        raise ConfigError("; ".join(problems)) from None
+    return method_params(name, method_class(name).params_model, entry.params())
 
 
 def build_method(entry_name: str, entry: MethodConfig, context: MethodContext) -> Any:

@@ -19,11 +19,11 @@ import logging
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from advpipe.batch import Batch
-from advpipe.errors import ConfigError, ModelError, describe_validation_error
+from advpipe.errors import ConfigError, ModelError
 from advpipe.models.registry import ARCHITECTURES
 from advpipe.models.weight_map import Layout, Reduction, parse_weight_map_arch, weight_map_layers
 from advpipe.trainers.baselines import cross_entropy_step
@@ -42,14 +42,6 @@ class WeightMapParams(BaseModel):
     skeleton: Literal["cnn", "resnet", "densenet"] | None = None
     reduction: Reduction | None = None
     layout: Layout | None = None
-
-
-def weight_map_params(**values: Any) -> WeightMapParams:
-    """Validated parameters; bad values become a ConfigError naming the parameter."""
-    try:
-        return WeightMapParams(**values)
-    except ValidationError as exc:
-        raise ConfigError("weight_map: " + "; ".join(describe_validation_error(exc, noun="parameter"))) from None
 
 
 def check_arch(params: WeightMapParams, arch: str) -> None:
@@ -77,9 +69,7 @@ class WeightMapMethod(Method):
     params: WeightMapParams
 
     def __init__(self, params: WeightMapParams | None = None, **values: Any) -> None:
-        if params is not None and values:
-            raise ConfigError("give weight_map either a WeightMapParams or keyword values, not both")
-        super().__init__(params if params is not None else weight_map_params(**values))
+        super().__init__(params, **values)
 
     @classmethod
     def build(cls, params: BaseModel, context: Any) -> Method:
