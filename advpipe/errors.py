@@ -68,5 +68,6 @@ def describe_validation_error(exc: ValidationError, prefix: str = "", noun: str 
         else:
             message = error["msg"].removeprefix("Value error, ")
             shown = f" (got {error['input']!r})" if not isinstance(error["input"], dict) else ""
-            lines.append(f"{prefix}{noun} '{key}': {message}{shown}")
+            where = f"{noun} '{key}': " if key else ""  # a check of the whole section names no key
+            lines.append(f"{prefix}{where}{message}{shown}")
     return lines

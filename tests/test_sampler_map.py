@@ -361,19 +361,31 @@ def test_describe_policy_tabulates_expected_and_realised(store_path):
 
 
 def test_sample_grid_draws_a_batch(store_path, tmp_path):
+    from PIL import Image
+
     out = sample_grid(store_path, "train", policy_config(), tmp_path / "grid" / "batch.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.size == (1280, 360)  # a batch of 16: two rows of 8
+        pixels = np.asarray(picture.convert("L"), dtype=np.float32)
+    assert pixels.std() > 20  # images were drawn, not an empty canvas
 
 
-def test_scenario_shifts_are_not_in_the_default_mix():
-    from types import SimpleNamespace
-
+def test_scenario_shifts_are_not_in_the_default_mix(tmp_path):
     from advpipe.sampler.policy import Policy, scenario_variants
+    from advpipe.stores import read_manifest
 
-    manifest = SimpleNamespace(variants=[SimpleNamespace(name="fgsm", generator="fgsm"),
-                                         SimpleNamespace(name="rot", generator="b1")])
-    scenario = scenario_variants(manifest)
+    arrays = make_arrays(8, variants=("noise", "tiny"))
+    arrays.variants = {"fgsm": arrays.variants["noise"], "rot": arrays.variants["tiny"]}
+    build_store(tmp_path / "s", {"train": arrays}, class_names=CLASSES, progress=False,
+                variant_params={"rot": {"generator": "turn", "kind": "shift"}})
+    scenario = scenario_variants(read_manifest(tmp_path / "s"))  # the manifest's kind, not a list of generators
     assert scenario == {"rot"}
+    raw = json.loads((tmp_path / "s/manifest.json").read_text())  # a version 2 manifest has no kinds:
+    raw["format_version"] = 2  # the generator name decides (b1, b2 are shifts)
+    raw["variants"] = [{k: v[k] for k in ("name", "generator", "backend", "params", "fingerprint")}
+                       | ({"generator": "b1"} if v["name"] == "rot" else {}) for v in raw["variants"]]
+    (tmp_path / "s/manifest.json").write_text(json.dumps(raw))
+    assert scenario_variants(read_manifest(tmp_path / "s")) == {"rot"}
     assert Policy.from_config(SamplerConfig(), ["clean", "fgsm", "rot"], scenario).names == ["fgsm"]
     named = SamplerConfig(weights={"fgsm": 1, "rot": 1})
     assert Policy.from_config(named, ["clean", "fgsm", "rot"], scenario).names == ["fgsm", "rot"]

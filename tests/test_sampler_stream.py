@@ -5,12 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, make_arrays, write_test_store
+from conftest import CLASSES, http_server, make_arrays, write_test_store
 
 from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, SamplerError, StoreError
@@ -265,34 +262,11 @@ def test_hdf5_store_and_bad_arguments_are_refused_at_construction(stores: dict[s
         StreamingVariantDataset(stores["many"], rank=2, world_size=2)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def http_root(stores: dict[str, Path]) -> Iterator[str]:
     """Serve the stores' directory from 127.0.0.1 with Python's http.server, in a subprocess."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(stores["many"].parent)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/many/manifest.json", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.05)
+    with http_server(stores["many"].parent) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_train_one_epoch_streamed_over_http(http_root: str) -> None:
