@@ -116,33 +116,71 @@ def reference_store(tmp_path_factory, digits_model) -> Path:
     return root / "store"
 
 
-@contextlib.contextmanager
-def dask_processes(root: Path, workers: int = 2):
-    """`dask scheduler` and `dask worker` processes on 127.0.0.1, as on a cluster; yields (address, workers)."""
+def shard_file_sums(store: Path) -> dict[str, str]:
+    """sha256 of every shard file as it is on disk (the manifest's sums come from the writers' own records)."""
+    import hashlib
+
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.suffix in (".h5", ".tar") and not p.name.startswith(".")}
+
+
+def wait_for(condition, what: str, timeout: float = 600.0, alive=None):
+    """Poll `condition()` until it returns a value other than None; fail (never hang) after `timeout` seconds.
+
+    `alive`, a Popen, must keep running meanwhile: its exit is a failure stated at once.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value is not None:
+            return value
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"process {alive.args[:2]} exited ({alive.returncode}) while waiting for {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def complete_json(path: Path, key: str):
+    """The value of `key` in the JSON file at `path` once the file is complete, else None (absent or half-written)."""
     import json
+
+    try:
+        return json.loads(path.read_text())[key]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def dask_processes(root: Path, workers: int = 2, worker_envs: list[dict[str, str]] | None = None):
+    """`dask scheduler` and `dask worker` processes (each with its nanny) on 127.0.0.1, as on a cluster.
+
+    Yields (address, worker Popens). The scheduler binds port 0 itself and the address is read
+    from its scheduler file once that file is complete JSON. `worker_envs[i]` is added to worker
+    i's environment (e.g. a fault point).
+    """
     import subprocess
     import sys
-    import time
 
     dask = str(Path(sys.executable).parent / "dask")
     scheduler_file = root / "scheduler.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                   "--scheduler-file", str(scheduler_file)], **quiet)]
+                                   "--scheduler-file", str(scheduler_file)], env=env, **quiet)]
     try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = wait_for(lambda: complete_json(scheduler_file, "address"), "the scheduler file", 300,
+                           alive=processes[0])
         for index in range(workers):
+            extra = worker_envs[index] if worker_envs else {}
             processes.append(subprocess.Popen(
                 [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w{index}",
-                 "--local-directory", str(root / f"w{index}")], cwd=root, **quiet))
+                 "--local-directory", str(root / f"w{index}")], cwd=root, env={**env, **extra}, **quiet))
         from distributed import Client
 
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(workers, timeout=60)
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(workers, timeout=300)  # generous: CI machines can be slow to import torch
         yield address, processes[1:]
     finally:
         for process in reversed(processes):
@@ -152,3 +190,27 @@ def dask_processes(root: Path, workers: int = 2):
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextlib.contextmanager
+def http_server(directory: Path):
+    """`python -m http.server` on 127.0.0.1 serving `directory`; yields its base URL.
+
+    The server binds port 0 itself and reports the port it got, so no other process can take
+    the port between choosing and binding it.
+    """
+    import re
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                               "--directory", str(directory)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    try:
+        line = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+        port = re.search(r"port (\d+)", line)
+        assert port, f"http.server did not start: {line!r}"
+        yield f"http://127.0.0.1:{port.group(1)}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
