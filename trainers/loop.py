@@ -252,14 +252,20 @@ def _run_epoch(state: RunState, optim: OptimConfig, device: torch.device, amp: b
                checkpoint: Checkpointing | None, progress: bool, trained: list[nn.Module], per_batch: bool) -> None:
     model, method, optimizer = state.model, state.method, state.optimizer
     if state.step_in_epoch == 0:
-        state.elapsed = 0.0
+        state.elapsed = state.data_wait = 0.0
     start = time.perf_counter()
     model.train()
     method.on_epoch_start(model, state.epoch)
     total = _length(state.loader)
     bar = tqdm(state.loader, total=total, initial=state.step_in_epoch, disable=not progress, leave=False,
                desc=f"{method.name} epoch {state.epoch + 1}/{optim.epochs}", dynamic_ncols=True)
-    for raw in bar:
+    batches = iter(bar)
+    while True:
+        asked = time.perf_counter()
+        raw = next(batches, None)
+        state.data_wait += time.perf_counter() - asked  # time the step waits for the loader
+        if raw is None:
+            break
         batch = raw.to(device, non_blocking=True)
         if augment:
             batch = scenario_a(batch, seed, state.global_step)
@@ -309,6 +315,8 @@ def _finish_epoch(state: RunState, eval_loader: Iterable[Batch] | None, device: 
                                       predict=lambda x: state.method.predict(state.model, x))
     record["time_s"] = state.elapsed
     record["images_per_s"] = sums.seen / state.elapsed if state.elapsed > 0 else 0.0
+    record["data_wait_s"] = state.data_wait
+    record["loader_share"] = state.data_wait / state.elapsed if state.elapsed > 0 else 0.0
     return record
 
 

@@ -39,6 +39,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     sums: EpochSums = field(default_factory=EpochSums)
     elapsed: float = 0.0  # seconds spent in the current epoch so far
+    data_wait: float = 0.0  # of which waiting for the loader's next batch
 
 
 def save_run_state(path: Path, state: RunState) -> None:
@@ -50,7 +51,8 @@ def save_run_state(path: Path, state: RunState) -> None:
     payload = {
         "format": STATE_FORMAT,
         "position": json.dumps({"epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                                "global_step": state.global_step, "elapsed": state.elapsed}),
+                                "global_step": state.global_step, "elapsed": state.elapsed,
+                                "data_wait": state.data_wait}),
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": json.dumps(state.scheduler.state_dict()),
@@ -96,6 +98,7 @@ def load_run_state(path: Path, state: RunState, device: torch.device) -> None:
     _set_rng_states(payload["rng"])
     state.epoch, state.step_in_epoch = position["epoch"], position["step_in_epoch"]
     state.global_step, state.elapsed = position["global_step"], position["elapsed"]
+    state.data_wait = position.get("data_wait", 0.0)
     state.history = json.loads(payload["history"])
     state.sums = EpochSums.from_state(json.loads(payload["sums"]))
 
