@@ -75,7 +75,8 @@ def test_adversarial_training_beats_clean_training_on_stored_attacks(digits_stor
     assert [record["epoch"] for record in history] == [1, 2, 3, 4, 5, 6]
     last = history[-1]
     assert 0.35 < last["sampler/adversarial_fraction"] < 0.65  # ratio 0.5 over 1437 draws
-    assert {"train_acc/clean", "train_acc/fgsm", "train_acc/bim", "images_per_s", "eval_acc", "loader_share"} <= set(last)
+    expected = {"train_acc/clean", "train_acc/fgsm", "train_acc/bim", "images_per_s", "eval_acc", "loader_share"}
+    assert expected <= set(last)
     assert 0 < last["data_wait_s"] < last["time_s"]
     assert last["sampler/clean"] + last["sampler/fgsm"] + last["sampler/bim"] == len(
         store.split("train"))
