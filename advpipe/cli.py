@@ -1,6 +1,6 @@
 """The `advpipe` command line: one subcommand per step of the workflow.
 
-    advpipe run CONFIG            the main job: train the source model, generate the store, verify it
+    advpipe run CONFIG            the main job: source model, store, methods trained and evaluated, report
     advpipe train-source CONFIG   train the white-box source model the attacks run against
     advpipe train CONFIG --method NAME    train one method from the store into a run directory
     advpipe generate CONFIG       fill a store with every variant of every image (Dask)
@@ -8,6 +8,8 @@
     advpipe verify STORE          checksums, counts, shapes; non-zero exit naming bad shards
     advpipe convert SRC DST       rewrite a store with the other backend
     advpipe sample STORE          what the sampler would yield under a policy
+    advpipe evaluate CHECKPOINT_OR_RUN_DIR --store STORE   robustness of a model on a store's test split
+    advpipe report RUN_DIR [RUN_DIR ...] --out DIR         evaluated runs side by side
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's device)")
         return p
 
-    run = config_command("run", "Main job: train the source model, generate the store, verify it.")
+    run = config_command("run", "Main job: source model, store, every method trained and evaluated, a report.")
     _generation_options(run)
     config_command("train-source", "Train the white-box source model (plain cross-entropy) and save its checkpoint.")
     train = config_command("train", "Train one method (config `methods`) from the store into a run directory.")
@@ -81,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--split", default="train")
     sample.add_argument("--batches", type=int, default=20, help="batches to draw (default: 20)")
     sample.add_argument("--grid", type=Path, default=None, help="also draw the first batch into this PNG")
+
+    evaluate = sub.add_parser(
+        "evaluate", help="Measure a model on a store's test split (robustness, noise, corruptions).",
+        description="Measure a checkpoint or run directory on a store's test split: accuracy on every stored "
+                    "variant, white-box FGSM, minimal FGSM and blank gradients, AutoAttack, DeepFool, noise and "
+                    "corruptions; writes evaluation.json, evaluation.md and plots (docs/REPORT.md).")
+    evaluate.add_argument("target", type=Path, help="a model checkpoint (.pt) or a run directory of `advpipe train`")
+    evaluate.add_argument("--store", required=True, help="store whose test split is measured (directory or URL)")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="output directory (default: RUN_DIR/evaluation, or NAME-evaluation beside a file)")
+    evaluate.add_argument("--config", type=Path, default=None,
+                          help="YAML config whose `evaluation` section sets what is measured (default: the defaults)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's, or auto)")
+
+    report = sub.add_parser("report", help="Put several evaluated runs side by side.",
+                            description="Compare evaluated runs: report.md, report.json (docs/REPORT.md) and plots.")
+    report.add_argument("runs", nargs="+", type=Path,
+                        help="run directories with evaluation/evaluation.json, or evaluation directories")
+    report.add_argument("--out", type=Path, required=True, help="directory for report.md, report.json and plots")
 
     convert = sub.add_parser("convert", help="Rewrite a store with another backend.",
                              description="Rewrite a store with another backend; stored values are unchanged.")
@@ -172,22 +193,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job; each step is skipped when its output is already up to date."""
+    """The main job (advpipe.main_job); each step is skipped when its output is already up to date."""
     from advpipe.config import load_config
-    from advpipe.stores.inspect import card
-    from advpipe.trainers.clean import source_model_is_current
+    from advpipe.main_job import JobOptions, run_main_job
 
-    config = load_config(args.config)
-    if source_model_is_current(config):
-        print(f"[1/3] source model {config.model.checkpoint} is up to date", flush=True)
-    else:
-        print(f"[1/3] {_train_source(args, config)}", flush=True)
-    outcome, message = _generate(args, config)
-    print(f"[2/3] {message}", flush=True)
-    status = _verify(Path(config.store.path), prefix="[3/3] ")
-    if status == 0:
-        print("\n" + card(outcome.manifest, Path(config.store.path)))
-    return status
+    options = JobOptions(device=args.device, cluster=args.cluster, scheduler=args.scheduler, force=args.force)
+    return run_main_job(load_config(args.config), options, lambda line: print(line, flush=True))
 
 
 def _generate(args: argparse.Namespace, config):
@@ -223,6 +234,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         accuracy = last.get("eval_acc")
         print(f"{args.method}: {result.status}; model {result.model_path}"
               + (f", test accuracy (clean) {accuracy:.4f}" if accuracy is not None else ""))
+    return 0
+
+
+@command("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from advpipe.config import EvaluationConfig, load_config
+    from advpipe.trainers.evaluate import evaluate
+    from advpipe.trainers.report import headline
+
+    config = load_config(args.config) if args.config else None
+    device = args.device or (config.device if config else "auto")
+    result = evaluate(args.target, args.store, config=config.evaluation if config else EvaluationConfig(),
+                      out=args.out, device=device, progress=sys.stderr.isatty())
+    print(headline({result.record["name"]: result.record}))
+    print(f"\nevaluation written to {result.out}")
+    return 0
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    from advpipe.trainers.report import write_report
+
+    out = write_report(args.runs, args.out)
+    print(f"report of {len(args.runs)} run(s) written to {out / 'report.md'} and {out / 'report.json'}")
     return 0
 
 

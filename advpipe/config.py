@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,9 @@ class SourceConfig(Section):
     channels: Literal[1, 3] | None = None
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     split_seed: int = Field(default=0, ge=0, description="seeds numpy's generator, which refuses negatives")
+    #: hold the test split out of the format's training split (test_fraction, stratified, split_seed) and
+    #: leave its own test set unused, e.g. CIFAR-10's 50k training images -> 45k/5k (the detector paper)
+    test_from_train: bool = False
     limit: int | None = Field(default=None, ge=1, description="keep only the first N images per split")
 
     @model_validator(mode="after")
@@ -70,6 +73,12 @@ class TrainConfig(OptimConfig):
     """Optimisation shared by every method that `advpipe train` runs, and where runs go."""
 
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, none on CPU
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads an unquoted `off` as false."""
+        return "off" if value is False else value
     checkpoint_every: int = Field(default=0, ge=0, description="also checkpoint every N steps (0: per epoch)")
     eval_batch_size: int = Field(default=512, ge=1)
     runs_dir: Path = Path("runs")
@@ -186,6 +195,73 @@ class SamplerConfig(Section):
         return value
 
 
+Measure = Literal["variants", "detector", "calibrated", "fgsm", "minimal_fgsm", "autoattack", "deepfool",
+                  "gaussian_noise", "uniform_noise", "corruptions"]
+Corruption = Literal["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
+                     "brightness", "jpeg_compression", "pixelate"]
+AutoAttackComponent = Literal["apgd-ce", "apgd-t", "deepfool", "square"]
+MEASURES: tuple[str, ...] = get_args(Measure)
+CORRUPTIONS: tuple[str, ...] = get_args(Corruption)
+AUTOATTACK_COMPONENTS: tuple[str, ...] = get_args(AutoAttackComponent)
+
+
+class AutoAttackConfig(Section):
+    """AutoAttack through ART (docs/REPORT.md): the defaults are the standard setting; anything less is labelled."""
+
+    eps: float = Field(default=8 / 255, gt=0.0, le=1.0)
+    norm: Literal["linf", "l2"] = "linf"
+    components: tuple[AutoAttackComponent, ...] = Field(default=AUTOATTACK_COMPONENTS, min_length=1)
+    images: int | None = Field(default=None, ge=1, description="test images attacked (None: the whole split)")
+    iterations: int = Field(default=100, ge=1, description="APGD iterations (standard: 100)")
+    targets: int = Field(default=9, ge=1, description="APGD-T target classes per image (standard: 9)")
+    square_queries: int = Field(default=5000, ge=1, description="Square attack queries (standard: 5000)")
+
+
+class EvaluationConfig(Section):
+    """What `advpipe evaluate` measures on a store's test split, and how hard (docs/REPORT.md)."""
+
+    measures: tuple[Measure, ...] = MEASURES  # type: ignore[assignment]
+    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=256, ge=1)
+    images: int | None = Field(default=None, ge=1,
+                               description="test images (a seeded subset) for every measure but the variants")
+    fgsm_eps: tuple[float, ...] = Field(default=(0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3), min_length=1)
+    minimal_fgsm_step: float = Field(default=0.01, gt=0.0, le=1.0, description="eps grid of the minimal-FGSM search")
+    minimal_fgsm_max: float = Field(default=1.0, gt=0.0, le=1.0, description="largest eps the search tries")
+    autoattack: AutoAttackConfig = AutoAttackConfig()
+    deepfool_images: int | None = Field(default=None, ge=1)
+    deepfool_max_iter: int = Field(default=50, ge=1)
+    deepfool_overshoot: float = Field(default=0.02, ge=0.0, le=1.0)
+    gaussian_sigmas: tuple[float, ...] = Field(default=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5), min_length=1)
+    uniform_a: tuple[float, ...] = Field(default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0), min_length=1)
+    noise_copies: int = Field(default=10, ge=1, description="noisy copies of each image per noise level")
+    corruptions: tuple[Corruption, ...] = CORRUPTIONS  # type: ignore[assignment]
+    severities: tuple[Literal[1, 2, 3, 4, 5], ...] = (1, 2, 3, 4, 5)
+
+    @field_validator("fgsm_eps", "gaussian_sigmas", "uniform_a")
+    @classmethod
+    def _levels(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 < level <= 1.0 for level in value):
+            raise ValueError(f"every level must lie in (0, 1] (pixels are in [0, 1]), got {list(value)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"levels are listed twice: {list(value)}")
+        return tuple(sorted(value))
+
+    @field_validator("measures", "corruptions", "severities")
+    @classmethod
+    def _distinct(cls, value: tuple) -> tuple:
+        if len(set(value)) != len(value):
+            raise ValueError(f"entries are listed twice: {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _search(self) -> EvaluationConfig:
+        if self.minimal_fgsm_step > self.minimal_fgsm_max:
+            raise ValueError(f"minimal_fgsm_step ({self.minimal_fgsm_step}) is larger than minimal_fgsm_max "
+                             f"({self.minimal_fgsm_max})")
+        return self
+
+
 class Config(Section):
     name: str = "experiment"
     #: Seeds every per-image generator stream (numpy SeedSequence, which refuses negatives).
@@ -200,6 +276,7 @@ class Config(Section):
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig = TrainConfig()
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @field_validator("variants")
     @classmethod

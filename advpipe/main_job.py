@@ -70,9 +70,58 @@ def train_methods(config: Config, options: JobOptions, say: Callable[[str], None
         return {}
     run_dirs = {}
     for index, name in enumerate(config.methods, 1):
-        result = train(config, name, device=options.device, progress=options.progress)
+        result = train(config, name, device=options.device, progress=options.progress, replace=True)
         accuracy = result.history[-1].get("eval_acc") if result.history else None
         shown = f", clean test accuracy {accuracy:.4f}" if accuracy is not None else ""
         say(f"[4/{STEPS}] method {index}/{len(config.methods)} {name}: {result.status}{shown}")
         run_dirs[name] = result.run_dir
     return run_dirs
+
+
+def evaluate_runs(config: Config, run_dirs: dict[str, Path], options: JobOptions,
+                  say: Callable[[str], None]) -> list[Path]:
+    """Evaluate each run on the store's test split; an evaluation newer than its model, of the same store
+    and settings, is reused."""
+    from advpipe.stores import open_store
+    from advpipe.trainers.evaluate import default_out, evaluate
+    from advpipe.trainers.report import load_evaluation
+
+    fingerprint = open_store(config.store.path).manifest.fingerprint
+    settings = config.evaluation.model_dump(mode="json")
+    outs = []
+    for index, (name, run_dir) in enumerate(run_dirs.items(), 1):
+        out = default_out(run_dir)
+        previous = _readable(load_evaluation, out)
+        current = (previous is not None and previous["store"]["fingerprint"] == fingerprint
+                   and previous["config"] == settings
+                   and (out / "evaluation.json").stat().st_mtime >= (run_dir / "model.pt").stat().st_mtime)
+        if current:
+            say(f"[5/{STEPS}] evaluation {index}/{len(run_dirs)} {name}: up to date")
+        else:
+            result = evaluate(run_dir, config.store.path, config=config.evaluation, out=out, device=options.device,
+                              progress=options.progress)
+            say(f"[5/{STEPS}] evaluation {index}/{len(run_dirs)} {name}: "
+                f"{result.record['wall_time_s']['total']:.0f} s")
+        outs.append(out)
+    return outs
+
+
+def write_comparison(config: Config, evaluations: list[Path], say: Callable[[str], None]) -> str:
+    """The comparison report of every evaluated run; returns the headline table to print."""
+    from advpipe.trainers.report import headline, load_evaluation, name_records, write_report
+
+    if not evaluations:
+        return f"[6/{STEPS}] nothing to compare"
+    out = write_report(evaluations, config.train.runs_dir / config.name / "report")
+    models = name_records([load_evaluation(path) for path in evaluations])
+    say(f"[6/{STEPS}] report written to {out / 'report.md'} (also report.json and plots)")
+    return "\n" + headline(models)
+
+
+def _readable(load: Callable[[Path], dict], path: Path) -> dict | None:
+    from advpipe.errors import AdvpipeError
+
+    try:
+        return load(path)
+    except AdvpipeError:
+        return None

@@ -12,16 +12,15 @@ and assembles the manifest from the workers' progress records at the end:
 4. Run the remaining shards (Dask, or inline), then write the manifest last.
 
 Killing the client, a worker or the whole machine at any point leaves either a
-finished store or a directory the next run resumes from.
+finished store or a directory the next run resumes from. Every write into the store
+directory (marker, shards, progress records, manifest) goes through
+`advpipe.stores.writer.StoreWriter`; this module decides what to compute.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from advpipe.datasets import load_source
 from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError, GenerationError, StoreError
 from advpipe.faults import fault_point
-from advpipe.io import atomic_write_json, sha256_file
 from advpipe.pipeline.plan import (
     JobSpec,
     ShardTask,
@@ -41,18 +39,16 @@ from advpipe.pipeline.plan import (
     base_fingerprint,
     shard_tasks,
     store_fingerprint,
+    store_layout,
     variant_plans,
 )
-from advpipe.pipeline.worker import PROGRESS_DIR, progress_path, run_shard
+from advpipe.pipeline.worker import run_shard
 from advpipe.provenance import library_versions
-from advpipe.stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardRecord, SplitRecord, VariantRecord
+from advpipe.stores.manifest import FORMAT_VERSION, Manifest, ShardRecord, SplitRecord, VariantRecord, VariantStats
 from advpipe.stores.stats import Tally, merge_all
-from advpipe.stores.store import write_manifest
+from advpipe.stores.writer import StoreWriter
 
 log = logging.getLogger(__name__)
-
-MARKER = ".generation.json"
-PREVIOUS = ".previous-manifest.json"
 
 
 @dataclass
@@ -76,32 +72,33 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     source_fps = {split: s.fingerprint for split, s in sources.items()}
     base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
     fingerprint = store_fingerprint(base, plans)
-    _check_writable(store_dir)
+    writer = StoreWriter(store_dir, config.store.backend, config.store.compression,
+                         store_layout(plans, config.store.precision))
+    writer.check_writable()
 
-    finished = _finished_manifest(store_dir, force)
+    finished = writer.existing(force)
     if finished is not None and (finished.fingerprint == fingerprint or _covers(finished, base, plans)):
         _check_layout(finished, config)
-        _cleanup(store_dir)
+        writer.cleanup()
         extra = sorted(set(finished.variant_names) - {p.name for p in plans})
         log.info("%s is up to date (fingerprint %s)%s: nothing to do", store_dir, finished.fingerprint[:12],
                  f"; it also holds {', '.join(extra)}" if extra else "")
         return Outcome("up-to-date", finished, 0, 0)
-    previous = _previous_for_extension(store_dir, finished, base, plans, config, force)
-    previous = _claim(store_dir, fingerprint, force, previous)
+    previous = _previous_for_extension(writer, finished, base, plans, config, force)
+    previous = writer.claim(fingerprint, force, previous)
 
     job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
                   base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
                   device=device,
                   extra={"previous": previous} if previous else {})
     tasks = _plan_tasks(config, sources, plans, previous)
-    pending = [t for t in tasks if not _is_done(store_dir, t, fingerprint)]
+    pending = [t for t in tasks if not writer.is_done(t.split, t.index, t.name, fingerprint)]
     log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))
     _run(pending, job, config, cluster, scheduler, progress)
 
-    manifest = _assemble(config, job, tasks, sources, model_meta, plans)
-    write_manifest(store_dir, manifest)
-    fault_point("after-manifest")
-    _cleanup(store_dir)
+    manifest = _assemble(writer, config, job, tasks, sources, model_meta, plans)
+    _warn_lost(manifest)
+    writer.publish(manifest)
     status = "extended" if previous else "created"
     log.info("%s: store %s (%d shards computed)", store_dir, status, len(pending))
     return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
@@ -150,68 +147,45 @@ def _check_cluster(config: Config, cluster: str | None, scheduler: str | None) -
         check_spec(cluster or config.generation.cluster)
 
 
-def _check_writable(store_dir: Path) -> None:
-    try:
-        store_dir.mkdir(parents=True, exist_ok=True)
-        probe = store_dir / f".tmp-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StoreError(f"{store_dir}: cannot write the store here ({exc.strerror}); "
-                         "choose a writable store.path") from None
-
-
-def _finished_manifest(store_dir: Path, force: bool) -> Manifest | None:
-    """The store already here, if any; with --force an unreadable one (old format, damaged) is discarded."""
-    if not (store_dir / MANIFEST_NAME).exists():
-        return None
-    from advpipe.stores.manifest import read_manifest
-
-    try:
-        return read_manifest(store_dir)
-    except StoreError:
-        if not force:
-            raise
-        log.warning("--force: discarding the unreadable store at %s", store_dir)
-        _wipe(store_dir)
-        return None
-
-
 def _check_layout(manifest: Manifest, config: Config) -> None:
     if (manifest.backend, manifest.compression) != (config.store.backend, config.store.compression):
         raise StoreError(f"{config.store.path}: the store holds the same data as a {manifest.backend} store "
                          f"(compression {manifest.compression}); use `advpipe convert` for another layout")
 
 
-def _previous_for_extension(store_dir: Path, finished: Manifest | None, base: str, plans: list[VariantPlan],
+def _previous_for_extension(writer: StoreWriter, finished: Manifest | None, base: str, plans: list[VariantPlan],
                             config: Config, force: bool) -> dict | None:
     """Decide what an existing store means for this run: extend it, replace it (--force) or refuse."""
     if finished is None:
-        saved = store_dir / PREVIOUS
-        return json.loads(saved.read_text())["previous"] if saved.exists() else None
+        saved = writer.saved_previous()  # an interrupted extension
+        return _extension(saved) if saved is not None else None
     wanted = {p.name: p.fingerprint for p in plans}
     extendable = (finished.generation.get("base_fingerprint") == base
                   and all(wanted.get(v.name) == v.fingerprint for v in finished.variants)
                   and (finished.backend, finished.compression) == (config.store.backend, config.store.compression))
     if extendable:
-        previous = {
-            "variants": finished.variant_names,
-            "shards": {s.name: s.model_dump() for split in finished.splits.values() for s in split.shards},
-            "errors": {name: {v: s.max_abs_error for v, s in split.stats.items()}
-                       for name, split in finished.splits.items()},
-        }
-        atomic_write_json(store_dir / PREVIOUS, {"previous": previous, "manifest": finished.model_dump(mode="json")})
-        (store_dir / MANIFEST_NAME).unlink()  # the store is offline until the new manifest is written
-        log.info("extending %s with variant(s): %s", store_dir,
+        writer.take_offline(finished)  # the store is offline until the new manifest is written
+        log.info("extending %s with variant(s): %s", writer.path,
                  ", ".join(n for n in wanted if n not in finished.variant_names))
-        return previous
+        return _extension(finished)
     if not force:
-        raise StoreError(f"{store_dir}: a store made with a different configuration exists here "
+        raise StoreError(f"{writer.path}: a store made with a different configuration exists here "
                          f"({'; '.join(_differences(finished, base, plans))}); use another store.path, "
                          "or --force to replace it (this discards the store)")
-    log.warning("--force: replacing the store at %s", store_dir)
-    _wipe(store_dir)
+    log.warning("--force: replacing the store at %s", writer.path)
+    writer.wipe()
     return None
+
+
+def _extension(finished: Manifest) -> dict:
+    """What workers and the manifest need of the store being extended: its variants, shards and statistics."""
+    return {
+        "variants": finished.variant_names,
+        "precisions": [v.precision for v in finished.variants],
+        "shards": {s.name: s.model_dump() for split in finished.splits.values() for s in split.shards},
+        "stats": {name: {v: s.model_dump(mode="json") for v, s in split.stats.items()}
+                  for name, split in finished.splits.items()},
+    }
 
 
 def _covers(finished: Manifest, base: str, plans: list[VariantPlan]) -> bool:
@@ -237,40 +211,6 @@ def _differences(finished: Manifest, base: str, plans: list[VariantPlan]) -> lis
     return found or ["the variant order differs"]
 
 
-def _claim(store_dir: Path, fingerprint: str, force: bool, previous: dict | None) -> dict | None:
-    """Mark the directory as being generated with this fingerprint; refuse to mix two runs' shards.
-
-    Returns the store being extended, or None once --force has discarded it.
-    """
-    marker = store_dir / MARKER
-    if marker.exists():
-        claimed = json.loads(marker.read_text()).get("fingerprint")
-        if claimed != fingerprint:
-            if not force:
-                raise StoreError(f"{store_dir}: an interrupted generation with a different configuration "
-                                 "left shards here; re-run it with its config, or --force to discard them")
-            _wipe(store_dir)
-            previous = None
-    elif any(store_dir.iterdir()) and previous is None:
-        leftovers = [p.name for p in store_dir.iterdir() if not p.name.startswith(".tmp-")]
-        if leftovers and not force:
-            raise StoreError(f"{store_dir}: directory is not empty and is not a store ({', '.join(leftovers[:3])}); "
-                             "choose an empty store.path, or --force to clear it")
-        if leftovers:
-            _wipe(store_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, {"fingerprint": fingerprint, "versions": library_versions()})
-    return previous
-
-
-def _wipe(store_dir: Path) -> None:
-    for child in store_dir.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def _plan_tasks(config: Config, sources: dict, plans: list[VariantPlan], previous: dict | None) -> list[ShardTask]:
     known = set(previous["variants"]) if previous else set()
     compute = tuple(p.name for p in plans if p.name not in known)
@@ -280,24 +220,6 @@ def _plan_tasks(config: Config, sources: dict, plans: list[VariantPlan], previou
             raise GenerationError(f"source split '{split}' is empty; nothing to generate")
         tasks += shard_tasks(split, len(source), config.store.shard_size, config.store.backend, compute)
     return tasks
-
-
-def _is_done(store_dir: Path, task: ShardTask, fingerprint: str) -> bool:
-    """A shard is finished when its progress record belongs to this run and the file matches its checksum."""
-    record_path = progress_path(store_dir, task)
-    if not record_path.exists():
-        return False
-    try:
-        progress = json.loads(record_path.read_text())
-        record = ShardRecord.model_validate(progress["record"])
-        path = store_dir / task.name
-        done = (progress["fingerprint"] == fingerprint and path.is_file()
-                and path.stat().st_size == record.bytes and sha256_file(path) == record.sha256)
-    except (ValueError, KeyError, OSError):
-        done = False
-    if not done:
-        log.warning("shard %s: unfinished or changed; it will be recomputed", task.name)
-    return done
 
 
 def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | None, scheduler: str | None,
@@ -333,20 +255,26 @@ def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | No
                 client.cancel(futures)
 
 
-def _assemble(config: Config, job: JobSpec, tasks: list[ShardTask], sources: dict, model_meta: Any,
-              plans: list[VariantPlan]) -> Manifest:
-    """Build the manifest from the workers' progress records (the client never reads images back)."""
-    store_dir = Path(config.store.path)
+def _assemble(writer: StoreWriter, config: Config, job: JobSpec, tasks: list[ShardTask], sources: dict,
+              model_meta: Any, plans: list[VariantPlan]) -> Manifest:
+    """Build the manifest from the workers' progress records (the client never reads images back).
+
+    Variants reused from the store being extended keep that store's statistics.
+    """
+    previous = job.extra.get("previous", {}).get("stats", {})
     splits = {}
     for split, source in sources.items():
-        records, tallies = [], {p.name: [] for p in plans}
+        records, tallies = [], {p.name: [] for p in plans if p.name not in previous.get(split, {})}
         for task in (t for t in tasks if t.split == split):
-            progress = json.loads(progress_path(store_dir, task).read_text())
+            progress = writer.read_progress(task.split, task.index)
             records.append(ShardRecord.model_validate(progress["record"]))
             for name in tallies:
-                tallies[name].append(Tally(**progress["tallies"][name]))
+                tallies[name].append(Tally.from_dict(progress["tallies"][name]))
+        stats = {n: merge_all(t).summary() for n, t in tallies.items()}
+        stats.update({n: VariantStats.model_validate(s) for n, s in previous.get(split, {}).items()})
         splits[split] = SplitRecord(count=len(source), source_fingerprint=source.fingerprint, shards=records,
-                                    stats={n: merge_all(t).summary() for n, t in tallies.items()})
+                                    stats={p.name: stats[p.name] for p in plans})
+    layout = writer.layout
     first = next(iter(sources.values()))
     height, width, channels = first.image_shape
     model = None
@@ -360,19 +288,21 @@ def _assemble(config: Config, job: JobSpec, tasks: list[ShardTask], sources: dic
         source={"kind": config.source.kind, "config": config.source.model_dump(mode="json")},
         model=model, library_versions=library_versions(),
         variants=[VariantRecord(name=p.name, generator=p.generator, backend=p.backend, params=p.params,
-                                fingerprint=p.fingerprint) for p in plans],
+                                fingerprint=p.fingerprint, kind=p.kind, precision=layout.precision(i),
+                                array=layout.placement(i)[0], column=layout.placement(i)[1])
+                  for i, p in enumerate(plans)],
         splits=splits, created_by="advpipe generate",
         generation={"base_fingerprint": job.base_fingerprint, "shard_size": config.store.shard_size,
                     "batch_size": config.generation.batch_size, "device": job.device},
     )
 
 
-def _cleanup(store_dir: Path) -> None:
-    """Remove run state once the manifest is published (and stale temp files of killed writers)."""
-    shutil.rmtree(store_dir / PROGRESS_DIR, ignore_errors=True)
-    for name in (MARKER, PREVIOUS):
-        with contextlib.suppress(FileNotFoundError):
-            (store_dir / name).unlink()
-    for stale in store_dir.rglob(".tmp-*"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+def _warn_lost(manifest: Manifest) -> None:
+    """Say so when storage undid successful adversarials (boundary-minimal attacks in float16)."""
+    for split, record in manifest.splits.items():
+        for variant in manifest.variants:
+            stats = record.stats.get(variant.name)
+            if stats is not None and stats.lost:
+                log.warning("%s/%s: %d of %d successful adversarial images no longer fool the source model after "
+                            "the %s storage round trip; set `precision: float32` on this variant to store it exactly",
+                            variant.name, split, stats.lost, stats.fooled_fresh, variant.precision)

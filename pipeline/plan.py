@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 from advpipe.config import Config
+from advpipe.errors import ConfigError
 from advpipe.io import sha256_json
 from advpipe.pipeline.generators import generator_class, generator_name, validate_variant, variant_backend
 from advpipe.provenance import library_versions
-from advpipe.stores.store import shard_name
+from advpipe.stores.backends import shard_name
+from advpipe.stores.shard import Layout
 
 SPLIT_CODES = {"train": 1, "test": 2}
 
@@ -29,11 +31,19 @@ class VariantPlan:
     backend: str
     params: dict[str, Any]
     needs_model: bool
+    kind: str = "attack"  # the generator class's kind: 'attack', or 'shift' (left out of the default mix)
+    precision: str | None = None  # the variant's own stored precision, when it differs from the store's
 
     @property
     def fingerprint(self) -> str:
-        return sha256_json({"name": self.name, "generator": self.generator, "backend": self.backend,
-                            "params": self.params})
+        """What identifies the variant's stored values (docs/FORMAT.md section 2.4), given the store's precision."""
+        identity = {"name": self.name, "generator": self.generator, "backend": self.backend, "params": self.params}
+        if self.precision is not None:
+            identity["precision"] = self.precision
+        return sha256_json(identity)
+
+    def stored_precision(self, store_precision: str) -> str:
+        return self.precision or store_precision
 
 
 @dataclass(frozen=True)
@@ -63,13 +73,27 @@ class JobSpec:
 
 def variant_plans(config: Config) -> list[VariantPlan]:
     plans = []
+    store_precision = config.store.precision
     for name, variant in config.variants.items():
         params = validate_variant(name, variant)
         generator = generator_name(name, variant)
+        cls = generator_class(generator)
+        own = variant.precision if variant.precision != store_precision else None
         plans.append(VariantPlan(name=name, generator=generator, backend=variant_backend(name, variant),
-                                 params=params.model_dump(mode="json"),
-                                 needs_model=generator_class(generator).needs_model))
+                                 params=params.model_dump(mode="json"), needs_model=cls.needs_model,
+                                 kind=cls.kind, precision=own))
+    store_layout(plans, store_precision)
     return plans
+
+
+def store_layout(plans: list[VariantPlan], store_precision: str) -> Layout:
+    """Where each planned variant will be stored; refuses a variant precision the store cannot hold."""
+    try:
+        return Layout.build([p.name for p in plans], [p.stored_precision(store_precision) for p in plans],
+                            store_precision)
+    except ValueError as exc:
+        raise ConfigError(f"variants: {exc}; remove the variant's `precision` or set store.precision to "
+                          "float16") from None
 
 
 def base_fingerprint(config: Config, source_fingerprints: dict[str, str], model_fingerprint: str | None) -> str:

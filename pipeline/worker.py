@@ -10,8 +10,8 @@ never travel through the scheduler.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,21 +20,20 @@ from advpipe.config import Config, config_from_dict
 from advpipe.datasets import load_source
 from advpipe.errors import GenerationError, IntegrityError
 from advpipe.faults import fault_point
-from advpipe.io import atomic_write_json, sha256_json
+from advpipe.io import sha256_json
 from advpipe.pipeline.generators import generator_class
 from advpipe.pipeline.generators.base import Generator
-from advpipe.pipeline.plan import JobSpec, ShardTask, VariantPlan, image_seeds
+from advpipe.pipeline.plan import JobSpec, ShardTask, VariantPlan, image_seeds, store_layout
 from advpipe.stores import codec
-from advpipe.stores.hdf5 import HDF5Shard
+from advpipe.stores.backends import backend
 from advpipe.stores.manifest import ShardRecord
-from advpipe.stores.shard import ShardData
+from advpipe.stores.shard import Layout, ShardData
+from advpipe.stores.source import ShardSource
 from advpipe.stores.stats import Tally
-from advpipe.stores.store import check_shard, write_shard
-from advpipe.stores.wds import WdsShard
+from advpipe.stores.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
-PROGRESS_DIR = ".progress"
 _CONTEXTS: dict[str, WorkerContext] = {}
 
 
@@ -85,39 +84,42 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
     clean = np.ascontiguousarray(source.images[task.start : task.stop].transpose(0, 3, 1, 2))
     labels = np.array(source.labels[task.start : task.stop])  # writable copy for torch
     stored, failed, tallies = {}, {}, {}
-    existing = _existing_shard(config, task, job) if len(task.compute) < len(job.variants) else None
+    existing = _existing_shard(config, task, job, clean.shape[1:]) if len(task.compute) < len(job.variants) else None
     clean_float = codec.to_float(clean)
     clean_pred = _predict(ctx, clean_float)
     for plan in job.variants:
         name = plan.name
-        if name in task.compute:
-            encoded = codec.encode(clean, _generate(ctx, plan, task, clean_float, labels), config.store.precision)
-            stored[name], failed[name], error, decoded = (encoded.stored, encoded.failed, encoded.max_abs_error,
-                                                          encoded.decoded)
-        else:  # reused from the store being extended
+        if name not in task.compute:  # reused from the store being extended, statistics included
             stored[name], failed[name] = existing.stored[name], existing.failed[name]
-            error = job.extra["previous"]["errors"][task.split][name]
-            decoded = codec.decode(clean, stored[name], config.store.precision)
-        tallies[name] = Tally.measure(clean_float, decoded, failed[name], error, clean_pred, _predict(ctx, decoded),
-                                      labels)
+            continue
+        ctx.generator(plan).use_split(source.images, source.labels)  # style draws from the whole split
+        fresh, seconds = _generate(ctx, plan, task, clean_float, labels)
+        encoded = codec.encode(clean, fresh, plan.stored_precision(config.store.precision))
+        stored[name], failed[name] = encoded.stored, encoded.failed
+        tallies[name] = Tally.measure(clean_float, encoded.decoded, encoded.failed, encoded.max_abs_error, clean_pred,
+                                      _predict(ctx, encoded.decoded), labels, _predict(ctx, encoded.fresh))
+        tallies[name].seconds, tallies[name].timed = seconds, True
+        tallies[name].fallbacks = ctx.generator(plan).fallbacks(source.labels, labels)
     shard = ShardData(split=task.split, start=task.start, ids=np.arange(task.start, task.stop), labels=labels,
                       clean=clean, stored=stored, failed=failed)
     fault_point("mid-shard")
-    record = write_shard(Path(config.store.path), task.name, shard, config.store.backend, config.store.compression)
+    writer = StoreWriter(config.store.path, config.store.backend, config.store.compression,
+                         store_layout(job.variants, config.store.precision))
+    record = writer.write_shard(task.name, shard)
     progress = {"fingerprint": job.fingerprint, "record": record.model_dump(),
                 "tallies": {name: tally.to_dict() for name, tally in tallies.items()}}
-    atomic_write_json(progress_path(config.store.path, task), progress)
+    writer.record_progress(task.split, task.index, progress)
     return progress
 
 
-def progress_path(store_dir: str | Path, task: ShardTask) -> Path:
-    return Path(store_dir) / PROGRESS_DIR / f"{task.split}-{task.index:05d}.json"
-
-
 def _generate(ctx: WorkerContext, plan: VariantPlan, task: ShardTask, clean_float: np.ndarray,
-              labels: np.ndarray) -> np.ndarray:
-    """Run one generator over the shard in fixed batches (fixed batch boundaries keep bytes reproducible)."""
+              labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """Run one generator over the shard in fixed batches (fixed batch boundaries keep bytes reproducible).
+
+    Returns the output and the seconds the generator took (model loading and setup excluded).
+    """
     generator = ctx.generator(plan)
+    started = time.perf_counter()
     batch_size = ctx.config.generation.batch_size
     ids = np.arange(task.start, task.stop)
     seeds = image_seeds(ctx.config.seed, task.split, plan.name, ids)
@@ -131,7 +133,7 @@ def _generate(ctx: WorkerContext, plan: VariantPlan, task: ShardTask, clean_floa
             raise GenerationError(f"generator '{plan.name}' returned shape {tuple(result.shape)} for input "
                                   f"{tuple(x.shape)}")
         out[begin:end] = result.detach().float().cpu().numpy()
-    return out
+    return out, time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -144,16 +146,14 @@ def _predict(ctx: WorkerContext, images: np.ndarray) -> np.ndarray | None:
     return torch.cat(predictions).numpy()
 
 
-def _existing_shard(config: Config, task: ShardTask, job: JobSpec) -> ShardData:
+def _existing_shard(config: Config, task: ShardTask, job: JobSpec, image_shape: tuple[int, ...]) -> ShardData:
     """The stored variants of this shard from the store being extended (checked against its old checksum)."""
     previous = job.extra["previous"]
-    path = Path(config.store.path) / task.name
-    check_shard(Path(config.store.path), ShardRecord.model_validate(previous["shards"][task.name]))
-    opener = HDF5Shard if config.store.backend == "hdf5" else WdsShard
-    reader = opener(path, previous["variants"], task.stop - task.start)
-    rows = np.arange(task.stop - task.start)
-    if not np.array_equal(reader.ids, rows + task.start):
+    layout = Layout.build(previous["variants"], previous["precisions"], config.store.precision)
+    record = ShardRecord.model_validate(previous["shards"][task.name])
+    reader = backend(config.store.backend).reader(ShardSource(config.store.path), record, layout, image_shape,
+                                                  "checksum")
+    data = reader.shard_data(task.split)
+    if not np.array_equal(data.ids, np.arange(task.start, task.stop)):
         raise IntegrityError(f"shard {task.name}: holds other images than expected; regenerate with --force")
-    return ShardData(split=task.split, start=task.start, ids=reader.ids, labels=reader.labels, clean=reader.clean(rows),
-                     stored={n: reader.stored(v, rows) for v, n in enumerate(previous["variants"])},
-                     failed={n: reader.failed(v) for v, n in enumerate(previous["variants"])})
+    return data

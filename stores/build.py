@@ -1,15 +1,17 @@
 """Writing whole stores from in-memory arrays, and converting a store between backends.
 
-Generation (pipeline/) writes shard by shard on many workers; these helpers are
-for everything else: stores made from clean images or test arrays, and `convert`.
+Generation (advpipe.pipeline) writes shard by shard on many workers; these helpers are
+for everything else: stores made from clean images or test arrays, and `convert`. All of
+them write through `advpipe.stores.writer.StoreWriter`.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -18,12 +20,17 @@ from advpipe.errors import StoreError
 from advpipe.io import sha256_json
 from advpipe.provenance import library_versions
 from advpipe.stores import codec
-from advpipe.stores.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, SplitRecord, VariantRecord
-from advpipe.stores.shard import ShardData
+from advpipe.stores.backends import shard_name
+from advpipe.stores.manifest import FORMAT_VERSION, SHIFT_GENERATORS, Manifest, SplitRecord, VariantRecord
+from advpipe.stores.shard import Layout, ShardData
 from advpipe.stores.stats import Tally, merge_all
-from advpipe.stores.store import Store, shard_name, write_manifest, write_shard
+from advpipe.stores.store import Store
+from advpipe.stores.writer import StoreWriter
 
 log = logging.getLogger(__name__)
+
+#: Keys of `variant_params` entries that describe the variant rather than its generator's parameters.
+DESCRIPTIVE = ("generator", "backend", "kind", "precision")
 
 
 @dataclass
@@ -36,11 +43,11 @@ class SplitArrays:
     source_fingerprint: str = ""
 
 
-def encode_shard(split: str, start: int, clean: np.ndarray, labels: np.ndarray,
-                 variants: dict[str, np.ndarray], precision: str) -> tuple[ShardData, dict[str, Tally]]:
-    """Encode one shard's float variants and tally what the encoding kept."""
+def encode_shard(split: str, start: int, clean: np.ndarray, labels: np.ndarray, variants: dict[str, np.ndarray],
+                 precisions: dict[str, str]) -> tuple[ShardData, dict[str, Tally]]:
+    """Encode one shard's float variants, each in its own precision, and tally what the encoding kept."""
     clean_float = codec.to_float(clean)
-    encoded = {name: codec.encode(clean, array, precision) for name, array in variants.items()}
+    encoded = {name: codec.encode(clean, array, precisions[name]) for name, array in variants.items()}
     shard = ShardData(split=split, start=start, ids=np.arange(start, start + len(clean)), labels=labels, clean=clean,
                       stored={n: e.stored for n, e in encoded.items()},
                       failed={n: e.failed for n, e in encoded.items()})
@@ -48,55 +55,51 @@ def encode_shard(split: str, start: int, clean: np.ndarray, labels: np.ndarray,
     return shard, tallies
 
 
-def prepare_directory(path: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished store unless asked; never leave a stale manifest behind."""
-    if (path / MANIFEST_NAME).exists():
-        if not overwrite:
-            raise StoreError(f"{path}: a store already exists here; choose another path, or --force to replace it "
-                             "(overwrite=True in Python)")
-        (path / MANIFEST_NAME).unlink()
-    if path.exists() and overwrite:
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot write a store here ({exc.strerror or exc}); choose a writable path") from None
-
-
 def build_store(path: str | Path, splits: dict[str, SplitArrays], *, class_names: list[str],
                 backend: str = "hdf5", precision: str = "float16", compression: str | None = None,
                 shard_size: int = 512, seed: int = 0, variant_params: dict[str, dict] | None = None,
                 source: dict | None = None, model: dict | None = None, overwrite: bool = False,
                 progress: bool = True) -> Manifest:
-    """Write a complete store from arrays; returns its manifest."""
-    path = Path(path)
+    """Write a complete store from arrays; returns its manifest.
+
+    `variant_params[name]` holds the variant's generator parameters, plus optionally its
+    `generator`, `backend` (implementation), `kind` ('attack' or 'shift') and its own
+    `precision` (float16 or float32 in a float16 or float32 store).
+    """
     names = _variant_names(splits)
-    compression = compression if backend == "hdf5" else None
-    prepare_directory(path, overwrite)
+    variants = [_variant_record(n, (variant_params or {}).get(n, {}), precision) for n in names]
+    try:
+        layout = Layout.build(names, [v["precision"] for v in variants], precision)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+    records = [VariantRecord(**v, array=layout.placement(i)[0], column=layout.placement(i)[1])
+               for i, v in enumerate(variants)]
+    writer = StoreWriter(path, backend, compression, layout)
+    writer.prepare(overwrite)
     shape = next(iter(splits.values())).images.shape[1:]
-    records = {}
+    precisions = {v.name: v.precision for v in records}
+    splits_out = {}
     for split, arrays in splits.items():
         shards, tallies = [], {n: [] for n in names}
         starts = range(0, len(arrays.images), shard_size)
         for index, start in enumerate(tqdm(starts, desc=f"write {split}", disable=not progress, unit="shard")):
             stop = min(start + shard_size, len(arrays.images))
             data, shard_tallies = encode_shard(split, start, arrays.images[start:stop], arrays.labels[start:stop],
-                                               {n: arrays.variants[n][start:stop] for n in names}, precision)
-            shards.append(write_shard(path, shard_name(split, index, backend), data, backend, compression))
+                                               {n: arrays.variants[n][start:stop] for n in names}, precisions)
+            shards.append(writer.write_shard(shard_name(split, index, backend), data))
             for name in names:
                 tallies[name].append(shard_tallies[name])
-        records[split] = SplitRecord(count=len(arrays.images), source_fingerprint=arrays.source_fingerprint,
-                                     shards=shards, stats={n: merge_all(t).summary() for n, t in tallies.items()})
-    variants = [_variant_record(n, (variant_params or {}).get(n, {})) for n in names]
+        splits_out[split] = SplitRecord(count=len(arrays.images), source_fingerprint=arrays.source_fingerprint,
+                                        shards=shards, stats={n: merge_all(t).summary() for n, t in tallies.items()})
     content = {"splits": {s: a.source_fingerprint for s, a in splits.items()}, "precision": precision,
-               "variants": [v.fingerprint for v in variants], "shard_size": shard_size, "seed": seed}
+               "variants": [v.fingerprint for v in records], "shard_size": shard_size, "seed": seed}
     manifest = Manifest(
         format_version=FORMAT_VERSION, fingerprint=sha256_json(content), backend=backend, precision=precision,
-        compression=compression, image_shape=tuple(shape), class_names=list(class_names), seed=seed,
-        source=source or {}, model=model, library_versions=library_versions(), variants=variants,
-        splits=records, created_by="advpipe.stores.build_store",
+        compression=writer.compression, image_shape=tuple(shape), class_names=list(class_names), seed=seed,
+        source=source or {}, model=model, library_versions=library_versions(), variants=records,
+        splits=splits_out, created_by="advpipe.stores.build_store",
     )
-    write_manifest(path, manifest)
+    writer.publish(manifest)
     return manifest
 
 
@@ -107,31 +110,40 @@ def _variant_names(splits: dict[str, SplitArrays]) -> list[str]:
     return names[0] if names else []
 
 
-def _variant_record(name: str, params: dict) -> VariantRecord:
+def _variant_record(name: str, params: dict, store_precision: str) -> dict[str, Any]:
+    """A variant record's fields (without its placement), as generation would record them."""
     generator = params.get("generator", name)
-    rest = {k: v for k, v in params.items() if k not in ("generator", "backend")}
+    rest = {k: v for k, v in params.items() if k not in DESCRIPTIVE}
     backend = params.get("backend", "arrays")
-    return VariantRecord(name=name, generator=generator, backend=backend, params=rest,
-                         fingerprint=sha256_json({"name": name, "generator": generator, "backend": backend,
-                                                     "params": rest}))
+    own = params.get("precision")
+    identity = {"name": name, "generator": generator, "backend": backend, "params": rest}
+    if own is not None and own != store_precision:
+        identity["precision"] = own
+    return {**identity, "fingerprint": sha256_json(identity), "precision": own or store_precision,
+            "kind": params.get("kind", "shift" if generator in SHIFT_GENERATORS else "attack")}
 
 
-def convert_store(source: str | Path, target: str | Path, backend: str, compression: str | None = None,
+def convert_store(source: str | os.PathLike, target: str | Path, backend: str, compression: str | None = None,
                   overwrite: bool = False, progress: bool = True) -> Manifest:
-    """Rewrite a store with another backend (or compression); the stored values are unchanged."""
+    """Rewrite a store (local or a URL) with another backend or compression; the stored values are unchanged.
+
+    A format version 2 store comes out in the current version, with identical values.
+    """
     store = Store.open(source)
     target = Path(target)
-    compression = compression if backend == "hdf5" else None
-    if target.resolve() == store.path.resolve():
+    if isinstance(store.path, Path) and target.resolve() == store.path.resolve():
         raise StoreError(f"{target}: conversion target must differ from the source store")
-    prepare_directory(target, overwrite)
+    writer = StoreWriter(target, backend, compression, store.layout)
+    writer.prepare(overwrite)
     splits = {}
     for split, record in store.manifest.splits.items():
         reader, shards = store.split(split), []
         for index in tqdm(range(len(record.shards)), desc=f"convert {split}", disable=not progress, unit="shard"):
-            data = reader.shard_data(index)
-            shards.append(write_shard(target, shard_name(split, index, backend), data, backend, compression))
+            shards.append(writer.write_shard(shard_name(split, index, backend), reader.shard_data(index)))
+            reader.release(index)
         splits[split] = record.model_copy(update={"shards": shards})
-    manifest = store.manifest.model_copy(update={"backend": backend, "compression": compression, "splits": splits})
-    write_manifest(target, Manifest.model_validate(manifest.model_dump()))
+    manifest = store.manifest.model_copy(update={"backend": backend, "compression": writer.compression,
+                                                 "splits": splits, "format_version": FORMAT_VERSION})
+    manifest = Manifest.model_validate(manifest.model_dump())
+    writer.publish(manifest)
     return manifest

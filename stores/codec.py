@@ -11,6 +11,10 @@ shrinks with the perturbation itself.
 | float16   | delta, float16              | clip(clean/255 + delta, 0, 1)      |
 | float32   | delta, float32              | clip(clean/255 + delta, 0, 1)      |
 | uint8     | round(variant * 255), uint8 | stored / 255                       |
+
+Even a float16 delta can undo a boundary-minimal attack (C&W, DeepFool stop just across the
+boundary), so a variant may take its own delta precision (`precision: float32` in the config):
+float16 and float32 deltas share one reconstruction formula and can live in one store.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STORED_DTYPE = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
+DELTA_PRECISIONS = ("float16", "float32")  # the modes that store `variant - clean/255`; they can share a store
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Encoded:
     failed: np.ndarray  # bool (n,): the generator gave NaN/inf for these images
     max_abs_error: float
     decoded: np.ndarray  # what a reader gets back (statistics are measured on it)
+    fresh: np.ndarray  # the generator's output as encoded: failures replaced by clean, clipped to [0, 1]
 
 
 def to_float(clean: np.ndarray) -> np.ndarray:
@@ -54,7 +60,8 @@ def encode(clean: np.ndarray, variant: np.ndarray, precision: str) -> Encoded:
         stored = (variant - base).astype(STORED_DTYPE[precision])
     decoded = decode(clean, stored, precision)
     error = np.abs(decoded - variant)
-    return Encoded(stored=stored, failed=failed, max_abs_error=float(error.max(initial=0.0)), decoded=decoded)
+    return Encoded(stored=stored, failed=failed, max_abs_error=float(error.max(initial=0.0)), decoded=decoded,
+                   fresh=variant)
 
 
 def decode(clean: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
@@ -70,17 +77,21 @@ def apply(base: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
     return np.clip(base, 0.0, 1.0, out=base)
 
 
+def decode_mixed(clean: np.ndarray, adversarial: np.ndarray, groups: list[tuple[np.ndarray, np.ndarray]],
+                 precision: str) -> np.ndarray:
+    """Rows of one shard where rows `adversarial[positions]` take the stored values of each group, the rest stay clean.
 
-def decode_mixed(clean: np.ndarray, stored: np.ndarray, adversarial: np.ndarray, precision: str) -> np.ndarray:
-    """Rows of one shard where `adversarial` rows take their stored variant, the rest stay clean.
-
-    uint8 stores pick pixels first and convert once; delta stores convert the clean
-    rows once and add the deltas in place.
+    `groups` holds (positions into `adversarial`, stored values), one per stacked array
+    (`ShardReader.stored_pairs`). uint8 stores pick pixels first and convert once; delta
+    stores (float16 and float32 arrays alike) convert the clean rows once and add the deltas in place.
     """
     if precision == "uint8":
         pixels = clean.copy()
-        pixels[adversarial] = stored
+        for positions, stored in groups:
+            pixels[adversarial[positions]] = stored
         return to_float(pixels)
     decoded = to_float(clean)
-    decoded[adversarial] = apply(decoded[adversarial], stored, precision)
+    for positions, stored in groups:
+        rows = adversarial[positions]
+        decoded[rows] = apply(decoded[rows], stored, precision)
     return decoded

@@ -10,8 +10,13 @@ from advpipe.stores.manifest import Manifest
 from advpipe.stores.store import Store
 
 
-def card(manifest: Manifest, path: Path) -> str:
-    """A short, readable summary of what a store holds and how it was made."""
+def card(manifest: Manifest, path: Path | str) -> str:
+    """A short, readable summary of what a store holds, how it was made and what generating it cost.
+
+    Per variant and split: success on what a reader gets back, the successes lost to the
+    storage round trip, norms, failures, encoding error, and generation speed (images per
+    second of generator time, summed over workers) and time.
+    """
     c, h, w = manifest.image_shape
     total = sum(s.bytes for split in manifest.splits.values() for s in split.shards)
     lines = [
@@ -25,8 +30,8 @@ def card(manifest: Manifest, path: Path) -> str:
         f"seed         {manifest.seed}",
         f"size         {total / 2**20:.1f} MiB in {sum(len(s.shards) for s in manifest.splits.values())} shards",
         "",
-        f"{'variant':<16}{'generator':<12}{'split':<7}{'success':>8}{'mean L2':>9}{'max Linf':>9}"
-        f"{'failed':>7}{'max err':>10}  parameters",
+        f"{'variant':<16}{'generator':<11}{'kind':<7}{'stored':<9}{'split':<7}{'success':>8}{'lost':>6}"
+        f"{'mean L2':>9}{'max Linf':>9}{'failed':>7}{'max err':>10}{'img/s':>9}{'time':>9}  parameters",
     ]
     for variant in manifest.variants:
         params = ", ".join(f"{k}={v}" for k, v in sorted(variant.params.items()))
@@ -35,9 +40,10 @@ def card(manifest: Manifest, path: Path) -> str:
             if stats is None:
                 continue
             lines.append(
-                f"{variant.name:<16}{variant.generator:<12}{split:<7}{_pct(stats.success_rate):>8}"
-                f"{_num(stats.mean_l2):>9}{_num(stats.max_linf):>9}{stats.failed:>7}"
-                f"{stats.max_abs_error:>10.2e}  {params}"
+                f"{variant.name:<16}{variant.generator:<11}{variant.kind:<7}{variant.precision:<9}{split:<7}"
+                f"{_pct(stats.success_rate):>8}{_count(stats.lost if stats.success_rate is not None else None):>6}"
+                f"{_num(stats.mean_l2):>9}{_num(stats.max_linf):>9}{stats.failed:>7}{stats.max_abs_error:>10.2e}"
+                f"{_rate(stats.images_per_second):>9}{_duration(stats.seconds):>9}  {params}"
             )
     return "\n".join(lines)
 
@@ -58,6 +64,23 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def grid(store: Store, out: Path, split: str = "train", count: int = 8, amplify: float | None = None) -> Path:

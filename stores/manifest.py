@@ -14,10 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from advpipe.errors import StoreError
+from advpipe.stores.shard import DEFAULT_ARRAY, Layout
 
 FORMAT = "advpipe-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # version 2: one precision per store, no variant kinds (upgraded on reading)
 MANIFEST_NAME = "manifest.json"
+#: Generators whose variants are scenario shifts; only for version 2 manifests, which predate `kind`.
+SHIFT_GENERATORS = frozenset({"b1", "b2"})
+Precision = Literal["float16", "float32", "uint8"]
 
 
 class Strict(BaseModel):
@@ -44,18 +49,32 @@ class ShardRecord(Strict):
 
 
 class VariantStats(Strict):
-    """Per-variant statistics over one split, filled in by generation."""
+    """Per-variant statistics over one split, filled in by generation.
+
+    `fooled`/`success_rate` are measured on what a reader gets back, `fooled_fresh`/
+    `success_rate_fresh` on the generator's own output; `lost` counts the images that
+    fooled the model fresh but not after the storage round trip. None: not recorded
+    (format version 2 stores; timing of stores built from arrays).
+    """
 
     count: int = 0
     failed: int = 0
     clean_correct: int = 0
     fooled: int = 0
     success_rate: float | None = None
+    fooled_fresh: int | None = None
+    success_rate_fresh: float | None = None
+    lost: int | None = None
+    seconds: float | None = None
+    images_per_second: float | None = None
     mean_l2: float | None = None
     max_l2: float | None = None
     mean_linf: float | None = None
     max_linf: float | None = None
     max_abs_error: float = 0.0
+    #: images that got their generator's documented fallback (style: no image of another class in
+    #: the split); None: not recorded (stores written before this field)
+    fallbacks: int | None = None
 
 
 class SplitRecord(Strict):
@@ -84,6 +103,10 @@ class VariantRecord(Strict):
     backend: str
     params: dict[str, Any]
     fingerprint: str
+    kind: Literal["attack", "shift"]  # shift: a distribution shift the sampler's default mix leaves out
+    precision: Precision  # how this variant is stored (docs/FORMAT.md section 3)
+    array: str  # the stacked array that holds it ('variants', 'variants_float32')
+    column: int = Field(ge=0)  # its index along that array's variant axis
 
     @field_validator("name")
     @classmethod
@@ -98,7 +121,7 @@ class Manifest(Strict):
     format_version: int
     fingerprint: str
     backend: Literal["hdf5", "webdataset"]
-    precision: Literal["float16", "float32", "uint8"]
+    precision: Precision
     compression: Literal["gzip", "lzf"] | None = None
     image_shape: tuple[int, int, int]
     class_names: list[str]
@@ -111,6 +134,17 @@ class Manifest(Strict):
     created_by: str = ""
     generation: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, raw: Any) -> Any:
+        """Read a version 2 manifest as version 3: one precision, kinds from generator names, one array."""
+        if not isinstance(raw, dict) or raw.get("format_version") != 2 or not isinstance(raw.get("variants"), list):
+            return raw
+        variants = [{"kind": "shift" if v.get("generator") in SHIFT_GENERATORS else "attack",
+                     "precision": raw.get("precision"), "array": DEFAULT_ARRAY, "column": column, **v}
+                    if isinstance(v, dict) else v for column, v in enumerate(raw["variants"])]
+        return {**raw, "variants": variants}
+
     @field_validator("variants")
     @classmethod
     def _unique(cls, variants: list[VariantRecord]) -> list[VariantRecord]:
@@ -118,6 +152,20 @@ class Manifest(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"variant names repeat: {names}")
         return variants
+
+    @model_validator(mode="after")
+    def _placed(self) -> Manifest:
+        """Each variant's array and column are the ones writers use (docs/FORMAT.md section 5.2)."""
+        try:
+            layout = self.layout
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        for index, variant in enumerate(self.variants):
+            if (variant.array, variant.column) != layout.placement(index):
+                raise ValueError(f"variant '{variant.name}' is placed at {variant.array}[{variant.column}], a "
+                                 f"{variant.precision} variant of a {self.precision} store belongs at "
+                                 "{}[{}]".format(*layout.placement(index)))
+        return self
 
     @field_validator("format_version")
     @classmethod
@@ -128,16 +176,25 @@ class Manifest(Strict):
                 "variants of a shard so that a batch is one read per shard; regenerate the store with "
                 "`advpipe generate CONFIG --force`"
             )
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"store format version {version} is not supported by this advpipe (it reads version "
-                f"{FORMAT_VERSION}); convert the store with the advpipe that wrote it or regenerate it"
+                f"store format version {version} is not supported by this advpipe (it reads versions "
+                f"{' and '.join(map(str, READABLE_VERSIONS))}); convert the store with the advpipe that wrote it "
+                "or regenerate it"
             )
         return version
 
     @property
     def variant_names(self) -> list[str]:
         return [variant.name for variant in self.variants]
+
+    @property
+    def layout(self) -> Layout:
+        """Where each variant is stored: its stacked array and column."""
+        return Layout.build(self.variant_names, [v.precision for v in self.variants], self.precision)
+
+    def variants_of_kind(self, kind: str) -> list[str]:
+        return [v.name for v in self.variants if v.kind == kind]
 
     @property
     def num_classes(self) -> int:

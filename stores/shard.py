@@ -1,18 +1,110 @@
-"""What one shard holds, independent of the file format it is written in."""
+"""What one shard holds, independent of the file format: its data, where each variant lives, the reader protocol.
+
+Variants are stacked per stored precision (docs/FORMAT.md, "Stacked arrays"): the variants kept
+in the store's precision share the array named `variants`; a variant with its own precision
+(`precision: float32` on a minimal attack) goes to `variants_float32`. `Layout` maps every
+variant to its (array, column), so a batch costs one gather per array whatever its mix.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from advpipe.stores.codec import DELTA_PRECISIONS, STORED_DTYPE
+
+if TYPE_CHECKING:  # both import this module
+    from advpipe.stores.manifest import ShardRecord
+    from advpipe.stores.source import ShardSource, Verify
+
+DEFAULT_ARRAY = "variants"
+
+
+def array_name(precision: str, default: str) -> str:
+    """The stacked array holding variants of `precision` in a store whose precision is `default`."""
+    return DEFAULT_ARRAY if precision == default else f"{DEFAULT_ARRAY}_{precision}"
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One stacked array of a shard: (n, len(variants), C, H, W) in one stored dtype."""
+
+    name: str
+    precision: str
+    variants: tuple[int, ...]  # variant indices (0-based, manifest order), in column order
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(STORED_DTYPE[self.precision])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which stacked array and column hold each variant (index = 0-based manifest order)."""
+
+    names: tuple[str, ...]
+    default: str  # the store's precision
+    arrays: tuple[StoredArray, ...]
+    array_of: np.ndarray = field(repr=False, compare=False)  # (V,) index into `arrays`
+    column_of: np.ndarray = field(repr=False, compare=False)  # (V,) column within that array
+
+    @classmethod
+    def build(cls, names: Sequence[str], precisions: Sequence[str], default: str) -> Layout:
+        """The layout every writer uses: the store's precision first, then others in order of first use."""
+        precisions = list(precisions)
+        if len(precisions) != len(names):
+            raise ValueError(f"{len(names)} variants but {len(precisions)} precisions")
+        mixed = set(precisions) - {default}
+        if mixed and not {default, *mixed} <= set(DELTA_PRECISIONS):
+            raise ValueError(f"variants of precision {sorted(mixed)} in a {default} store: a variant's own precision "
+                             f"must be one of {DELTA_PRECISIONS}, in a store whose precision is one of them")
+        order = sorted(set(precisions), key=lambda p: (p != default, precisions.index(p)))
+        arrays = tuple(StoredArray(array_name(p, default), p, tuple(i for i, q in enumerate(precisions) if q == p))
+                       for p in order)
+        array_of = np.zeros(len(names), dtype=np.int64)
+        column_of = np.zeros(len(names), dtype=np.int64)
+        for a, array in enumerate(arrays):
+            array_of[list(array.variants)] = a
+            column_of[list(array.variants)] = np.arange(len(array.variants))
+        return cls(tuple(names), default, arrays, array_of, column_of)
+
+    def precision(self, variant: int) -> str:
+        return self.arrays[self.array_of[variant]].precision
+
+    def placement(self, variant: int) -> tuple[str, int]:
+        """(array name, column) of one variant, as the manifest records it."""
+        return self.arrays[self.array_of[variant]].name, int(self.column_of[variant])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The widest stored dtype: a buffer of it holds any variant exactly (float16 -> float32 is exact)."""
+        dtypes = [a.dtype for a in self.arrays] or [np.dtype(STORED_DTYPE[self.default])]
+        return max(dtypes, key=lambda d: d.itemsize)
+
+    def groups(self, variants: np.ndarray) -> list[tuple[StoredArray, np.ndarray, np.ndarray]]:
+        """(array, positions in `variants`, columns) for each array the requested variants touch."""
+        variants = np.asarray(variants, dtype=np.int64)
+        if len(self.arrays) == 1:
+            return [(self.arrays[0], np.arange(len(variants)), self.column_of[variants])] if len(variants) else []
+        which = self.array_of[variants]
+        out = []
+        for a, array in enumerate(self.arrays):
+            positions = np.flatnonzero(which == a)
+            if len(positions):
+                out.append((array, positions, self.column_of[variants[positions]]))
+        return out
 
 
 @dataclass
 class ShardData:
     """A fixed range [start, start + n) of one split, with every variant in its stored form.
 
-    `clean` is uint8 (n, C, H, W); `stored[name]` is the variant as the precision
-    mode keeps it (advpipe.stores.codec); `failed[name]` flags images whose generator failed.
+    `clean` is uint8 (n, C, H, W); `stored[name]` is the variant as its precision keeps it
+    (advpipe.stores.codec); `failed[name]` flags images whose generator failed.
     Dict order is the manifest's variant order.
     """
 
@@ -43,3 +135,82 @@ class ShardData:
     @property
     def stop(self) -> int:
         return self.start + len(self)
+
+    def stacked(self, array: StoredArray, layout: Layout) -> np.ndarray:
+        """The shard's (n, k, C, H, W) stacked array as writers store it."""
+        return np.stack([self.stored[layout.names[v]] for v in array.variants], axis=1)
+
+    def failed_matrix(self) -> np.ndarray:
+        """Bool (n, V): the failure flags in manifest order."""
+        return np.stack([self.failed[n] for n in self.stored], axis=1) if self.stored \
+            else np.zeros((len(self), 0), dtype=bool)
+
+
+class ShardReader(ABC):
+    """Read-only access to one shard file; every backend implements it (`advpipe.stores.backends.BACKENDS`).
+
+    A reader fetches its shard through a `ShardSource` (local path or fsspec URL; size and
+    sha256 checked as `verify` says) on first use, in whichever process uses it, so readers
+    can be pickled into DataLoader workers: each worker fetches and opens its own copy.
+    """
+
+    def __init__(self, source: ShardSource, record: ShardRecord, layout: Layout, image_shape: tuple[int, ...],
+                 verify: Verify = "checksum") -> None:
+        self.source = source
+        self.record = record
+        self.layout = layout
+        self.image_shape = tuple(image_shape)
+        self.verify = verify
+        self.name = record.name
+        self.count = record.count
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @abstractmethod
+    def load(self) -> None:
+        """Fetch, check and parse the shard now (later calls do nothing); raises IntegrityError naming it."""
+
+    @property
+    @abstractmethod
+    def ids(self) -> np.ndarray:
+        """Int64 (n,): the sample ids, `start .. stop-1` in a sound shard."""
+
+    @property
+    @abstractmethod
+    def labels(self) -> np.ndarray:
+        """Int64 (n,): class indices."""
+
+    @abstractmethod
+    def failed(self) -> np.ndarray:
+        """Bool (n, V): True where a variant's generator failed for an image (manifest order)."""
+
+    @abstractmethod
+    def clean(self, rows: np.ndarray) -> np.ndarray:
+        """Uint8 (k, C, H, W): the clean images at these rows."""
+
+    @abstractmethod
+    def gather(self, array: StoredArray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Stored (k, C, H, W): row rows[i], column columns[i] of one stacked array, in one gather."""
+
+    def stored_pairs(self, rows: np.ndarray, variants: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Row rows[i] of variant variants[i] for every i: (positions, stored values), one gather per array."""
+        return [(positions, self.gather(array, rows[positions], columns))
+                for array, positions, columns in self.layout.groups(variants)]
+
+    def stored(self, variant: int, rows: np.ndarray) -> np.ndarray:
+        """One variant's stored form at these rows."""
+        array = self.layout.arrays[self.layout.array_of[variant]]
+        return self.gather(array, rows, np.full(len(rows), self.layout.column_of[variant]))
+
+    def shard_data(self, split: str) -> ShardData:
+        """The whole shard in its stored form (for verification, conversion and extension)."""
+        rows = np.arange(self.count)
+        failed = self.failed()
+        return ShardData(split=split, start=self.record.start, ids=self.ids, labels=self.labels,
+                         clean=self.clean(rows),
+                         stored={n: self.stored(v, rows) for v, n in enumerate(self.layout.names)},
+                         failed={n: failed[:, v] for v, n in enumerate(self.layout.names)})

@@ -1,89 +1,61 @@
-"""Opening, reading and writing stores; the format itself is in docs/FORMAT.md.
+"""Opening and reading finished stores, local or behind any fsspec URL; the format is in docs/FORMAT.md.
 
-Readers never write: they open shards read-only and keep nothing in the store
-directory, so any number of processes and teams may share one store. Writers put
-each shard in place by rename and write the manifest last, so a reader sees
-either a finished store or none.
+Readers never write: they fetch shards read-only (`ShardSource`) and keep nothing in the
+store directory, so any number of processes and teams may share one store. Writing is
+`advpipe.stores.writer`'s job.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-from advpipe.errors import IntegrityError, StoreError
-from advpipe.faults import fault_point
-from advpipe.io import atomic_path, sha256_file
-from advpipe.stores import codec, hdf5, wds
-from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest
-from advpipe.stores.shard import ShardData
+from advpipe.errors import StoreError
+from advpipe.stores import codec
+from advpipe.stores.backends import backend
+from advpipe.stores.manifest import Manifest, ShardRecord
+from advpipe.stores.shard import ShardData, ShardReader
+from advpipe.stores.source import ShardSource, Verify
 
 log = logging.getLogger(__name__)
 
-Verify = Literal["none", "size", "checksum"]
-EXTENSIONS = {"hdf5": "h5", "webdataset": "tar"}
 CLEAN = "clean"
-
-
-def shard_name(split: str, index: int, backend: str) -> str:
-    return f"{split}/{split}-{index:05d}.{EXTENSIONS[backend]}"
-
-
-def write_shard(store_dir: Path, name: str, shard: ShardData, backend: str,
-                compression: str | None = None) -> ShardRecord:
-    """Write one shard atomically and return its manifest record."""
-    target = Path(store_dir) / name
-    try:
-        with atomic_path(target) as tmp:
-            if backend == "hdf5":
-                hdf5.write_shard(tmp, shard, compression)
-            else:
-                wds.write_shard(tmp, shard)
-    except OSError as exc:
-        free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
-        raise StoreError(f"shard {name}: could not be written to {store_dir} ({exc}); {free} bytes free on that "
-                         "file system: free space (or choose another store.path) and re-run to resume") from None
-    return ShardRecord(name=name, start=shard.start, stop=shard.stop, bytes=target.stat().st_size,
-                       sha256=sha256_file(target))
-
-
-def write_manifest(store_dir: Path, manifest: Manifest) -> None:
-    """Publish a store: the manifest is the last file written."""
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    with atomic_path(Path(store_dir) / MANIFEST_NAME) as tmp:
-        tmp.write_text(text)
-        fault_point("manifest-write")
 
 
 class Store:
     """A finished store, opened read-only."""
 
-    def __init__(self, path: Path, manifest: Manifest, verify: Verify = "checksum") -> None:
-        self.path = Path(path)
+    def __init__(self, source: ShardSource, manifest: Manifest, verify: Verify = "checksum") -> None:
+        self.source = source
         self.manifest = manifest
         self.verify = verify
+        self.layout = manifest.layout
         self._splits: dict[str, SplitReader] = {}
 
+    @property
+    def path(self) -> Path | str:
+        """Where the store is: a Path for a local store, the URL for a remote one."""
+        return self.source.display
+
     @classmethod
-    def open(cls, path: str | Path, verify: Verify = "checksum") -> Store:
-        """Open a store; every shard must exist with its recorded size.
+    def open(cls, location: str | os.PathLike, verify: Verify = "checksum",
+             storage_options: dict[str, Any] | None = None) -> Store:
+        """Open a store (a directory or an fsspec URL); every shard must exist with its recorded size.
 
         With verify='checksum' (default) each shard's sha256 is also checked the
         first time this process reads it, so corruption is an error naming the
         shard, never garbage pixels.
         """
-        path = Path(path)
-        manifest = read_manifest(path)
-        store = cls(path, manifest, verify)
+        source = ShardSource(location, storage_options, verify)
+        store = cls(source, source.manifest(), verify)
         if verify != "none":
             for record in store.shard_records():
-                check_shard(path, record, checksum=False)
+                source.check_size(record)
         return store
 
     def shard_records(self) -> Iterator[ShardRecord]:
@@ -108,51 +80,42 @@ class Store:
         return self._splits[name]
 
 
-def check_shard(store_dir: Path, record: ShardRecord, checksum: bool = True) -> None:
-    """Raise IntegrityError naming the shard if it is missing, resized or (optionally) altered."""
-    path = Path(store_dir) / record.name
-    if not path.is_file():
-        raise IntegrityError(f"shard {record.name}: missing from {store_dir}")
-    size = path.stat().st_size
-    if size != record.bytes:
-        raise IntegrityError(
-            f"shard {record.name}: {size} bytes on disk, manifest says {record.bytes} (truncated or replaced)"
-        )
-    if checksum and sha256_file(path) != record.sha256:
-        raise IntegrityError(f"shard {record.name}: sha256 does not match the manifest (the file is corrupt)")
-
-
 class SplitReader:
     """Batched random access to one split: `read(indices, variant_ids)` -> float32 (k, C, H, W).
 
-    Shard handles open lazily in whichever process reads, so a SplitReader can be
-    handed to DataLoader workers; each worker opens its own read-only handles.
+    Shards are fetched and opened lazily in whichever process reads, so a SplitReader can be
+    handed to DataLoader workers; each worker fetches its own read-only copies.
     """
 
     def __init__(self, store: Store, split: str) -> None:
-        self.store_path = store.path
+        self.source = store.source
         self.split = split
         self.record = store.manifest.splits[split]
         self.precision = store.manifest.precision
         self.image_shape = tuple(store.manifest.image_shape)
         self.variant_names = store.manifest.variant_names
+        self.layout = store.layout
         self.verify = store.verify
         self.starts = np.array([s.start for s in self.record.shards], dtype=np.int64)
-        self._shards: list[hdf5.HDF5Shard | wds.WdsShard | None] = [None] * len(self.record.shards)
-        self._opener: Callable = hdf5.HDF5Shard if store.manifest.backend == "hdf5" else wds.WdsShard
+        self._backend = backend(store.manifest.backend)
+        self._shards: list[ShardReader | None] = [None] * len(self.record.shards)
 
     def __len__(self) -> int:
         return self.record.count
 
-    def shard(self, index: int) -> hdf5.HDF5Shard | wds.WdsShard:
+    def shard(self, index: int) -> ShardReader:
+        """Shard `index`, fetched and checked (as `verify` says) on first use in this process."""
         shard = self._shards[index]
         if shard is None:
-            record = self.record.shards[index]
-            if self.verify != "none":
-                check_shard(self.store_path, record, checksum=self.verify == "checksum")
-            shard = self._opener(self.store_path / record.name, self.variant_names, record.count)
+            shard = self._backend.reader(self.source, self.record.shards[index], self.layout, self.image_shape,
+                                         self.verify)
+            shard.load()
             self._shards[index] = shard
         return shard
+
+    def release(self, index: int) -> None:
+        """Drop shard `index`'s bytes; the next read fetches (and checks) it again."""
+        self._shards[index] = None
 
     def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, row within shard) for each sample index."""
@@ -171,16 +134,15 @@ class SplitReader:
 
     def failed(self) -> np.ndarray:
         """Bool (N, V+1): True where a variant failed for an image (column 0, clean, never fails)."""
-        columns = [np.zeros(len(self), dtype=bool)]
-        for v in range(len(self.variant_names)):
-            columns.append(np.concatenate([self.shard(i).failed(v) for i in range(len(self._shards))]))
-        return np.stack(columns, axis=1)
+        flags = [self.shard(i).failed() for i in range(len(self._shards))]
+        variants = np.concatenate(flags) if flags else np.zeros((0, len(self.variant_names)), dtype=bool)
+        return np.concatenate([np.zeros((len(self), 1), dtype=bool), variants], axis=1)
 
     def read(self, indices: np.ndarray, variant_ids: np.ndarray | int = 0) -> np.ndarray:
         """Gather samples -> float32 (k, C, H, W) in [0, 1]: the sampler's hot path.
 
-        Per shard: two gathers in row order (the clean rows, then every adversarial row at
-        once, whatever its variant, from the stacked variants array), decoded in place.
+        Per shard, in row order: one gather of the clean rows, then one gather per stacked
+        array of every adversarial row it holds, whatever the mix of variants; decoded in place.
         """
         indices = np.asarray(indices, dtype=np.int64)
         variant_ids = np.broadcast_to(np.asarray(variant_ids, dtype=np.int64), indices.shape)
@@ -192,25 +154,20 @@ class SplitReader:
             out[members] = self._read_rows(self.shard(int(shard_id)), rows[members], variant_ids[members])
         return out
 
-    def _read_rows(self, shard, rows: np.ndarray, variant_ids: np.ndarray) -> np.ndarray:
+    def _read_rows(self, shard: ShardReader, rows: np.ndarray, variant_ids: np.ndarray) -> np.ndarray:
         clean = shard.clean(rows)
-        adversarial = variant_ids > 0
-        if not adversarial.any():
+        adversarial = np.flatnonzero(variant_ids > 0)
+        if not len(adversarial):
             return codec.to_float(clean)
-        stored = shard.stored_pairs(rows[adversarial], variant_ids[adversarial] - 1)
-        return codec.decode_mixed(clean, stored, adversarial, self.precision)
+        groups = shard.stored_pairs(rows[adversarial], variant_ids[adversarial] - 1)
+        return codec.decode_mixed(clean, adversarial, groups, self.precision)
 
     def shard_data(self, index: int) -> ShardData:
-        """A whole shard in its stored form (for conversion and re-encoding)."""
-        shard, record = self.shard(index), self.record.shards[index]
-        rows = np.arange(record.count)
-        return ShardData(
-            split=self.split, start=record.start, ids=shard.ids, labels=shard.labels, clean=shard.clean(rows),
-            stored={n: shard.stored(v, rows) for v, n in enumerate(self.variant_names)},
-            failed={n: shard.failed(v) for v, n in enumerate(self.variant_names)},
-        )
+        """A whole shard in its stored form (for verification and conversion)."""
+        return self.shard(index).shard_data(self.split)
 
 
-def open_store(path: str | Path, verify: Verify = "checksum") -> Store:
-    """Open a finished store read-only (see Store.open)."""
-    return Store.open(path, verify)
+def open_store(location: str | os.PathLike, verify: Verify = "checksum",
+               storage_options: dict[str, Any] | None = None) -> Store:
+    """Open a finished store read-only, from a directory or an fsspec URL (see Store.open)."""
+    return Store.open(location, verify, storage_options)

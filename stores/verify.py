@@ -1,22 +1,25 @@
-"""Full verification of a store: manifest, checksums, counts, shapes, values."""
+"""Full verification of a store, local or behind a URL: manifest, checksums, counts, shapes, values."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from advpipe.errors import AdvpipeError
-from advpipe.stores.codec import STORED_DTYPE
-from advpipe.stores.manifest import read_manifest
-from advpipe.stores.store import Store, check_shard
+from advpipe.stores.manifest import Manifest, ShardRecord
+from advpipe.stores.shard import ShardData
+from advpipe.stores.source import ShardSource
+from advpipe.stores.store import Store
 
 
 @dataclass
 class Report:
-    store: Path
+    store: Path | str
     shards: int = 0
     samples: int = 0
     problems: list[str] = field(default_factory=list)
@@ -26,36 +29,38 @@ class Report:
         return not self.problems
 
 
-def verify_store(path: str | Path, progress: bool = False) -> Report:
+def verify_store(location: str | os.PathLike, progress: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> Report:
     """Check every shard against the manifest; collect every problem rather than stop at the first."""
-    path = Path(path)
-    report = Report(store=path)
+    source = ShardSource(location, storage_options, verify="checksum")
+    report = Report(store=source.display)
     try:
-        manifest = read_manifest(path)
+        manifest = source.manifest()
     except AdvpipeError as exc:
         report.problems.append(str(exc))
         return report
-    store = Store(path, manifest, verify="none")
-    shape = tuple(manifest.image_shape)
+    store = Store(source, manifest, verify="checksum")
     for split_name, split in manifest.splits.items():
         reader = store.split(split_name)
         for index, record in enumerate(tqdm(split.shards, desc=f"verify {split_name}", disable=not progress)):
             report.shards += 1
             try:
-                check_shard(path, record)
-                _check_contents(reader.shard_data(index), record, shape, manifest)
+                _check_contents(reader.shard_data(index), record, manifest)
                 report.samples += record.count
             except AdvpipeError as exc:
                 report.problems.append(str(exc))
             except Exception as exc:  # a corrupt file can fail inside h5py or numpy in many ways
                 report.problems.append(f"shard {record.name}: unreadable ({type(exc).__name__}: {exc})")
+            finally:
+                reader.release(index)  # one shard in memory at a time
     return report
 
 
-def _check_contents(data, record, shape, manifest) -> None:
+def _check_contents(data: ShardData, record: ShardRecord, manifest: Manifest) -> None:
     def bad(message: str) -> AdvpipeError:
         return AdvpipeError(f"shard {record.name}: {message}")
 
+    shape = tuple(manifest.image_shape)
     if len(data) != record.count:
         raise bad(f"holds {len(data)} samples, manifest says {record.count}")
     if not np.array_equal(data.ids, np.arange(record.start, record.stop)):
@@ -66,9 +71,10 @@ def _check_contents(data, record, shape, manifest) -> None:
         raise bad(f"labels outside [0, {manifest.num_classes})")
     if list(data.stored) != manifest.variant_names:
         raise bad(f"variants {list(data.stored)} differ from the manifest's {manifest.variant_names}")
-    for name, stored in data.stored.items():
-        if stored.dtype != STORED_DTYPE[manifest.precision]:
-            raise bad(f"variant '{name}' is {stored.dtype}, precision '{manifest.precision}' needs "
-                      f"{np.dtype(STORED_DTYPE[manifest.precision])}")
+    layout = manifest.layout
+    for index, (name, stored) in enumerate(data.stored.items()):
+        expected = np.dtype(layout.arrays[layout.array_of[index]].dtype)
+        if stored.dtype != expected:
+            raise bad(f"variant '{name}' is {stored.dtype}, its precision '{layout.precision(index)}' needs {expected}")
         if stored.dtype.kind == "f" and not np.isfinite(stored).all():
             raise bad(f"variant '{name}' contains NaN or inf")

@@ -1,62 +1,72 @@
-"""WebDataset shards: POSIX tar files, one record of four members per source image.
+"""WebDataset shards: POSIX tar files, one record per source image (docs/FORMAT.md, "WebDataset shards").
 
-Record for image id 42 (docs/FORMAT.md, "WebDataset shards"):
+Record for image id 42 in a float16 store whose `cw` variant is kept as float32:
 
-    000000042.cls            label, ASCII decimal
-    000000042.json           {"id": 42, "label": 3, "failed": ["cw"]}
-    000000042.clean.npy      uint8 (C, H, W)
-    000000042.variants.npy   every variant stacked in manifest order, (V, C, H, W)
+    000000042.cls                    label, ASCII decimal
+    000000042.json                   {"id": 42, "label": 3, "failed": ["cw"]}
+    000000042.clean.npy              uint8 (C, H, W)
+    000000042.variants.npy           the float16 variants stacked in manifest order, (k, C, H, W)
+    000000042.variants_float32.npy   the float32 ones (only when some variant has its own precision)
 
-Reading cost is dominated by per-member handling, so all variants of an image
-share one member. The tars are plain ustar archives written deterministically
-(mtime 0, uid/gid 0, mode 0444), readable by the `webdataset` library and by
-`tar`; this module also has its own small tar reader, which is several times
-faster than a general one and refuses anything but regular files with safe names.
+Reading cost is dominated by per-member handling, so all variants of one precision share
+one member. The tars are plain ustar archives written deterministically (mtime 0, uid/gid
+0, mode 0444), readable by the `webdataset` library and by `tar`. `TarParser` turns a
+shard's bytes into `ShardColumns`: a shard as written here has a fixed stride and is read
+as strided numpy views with every header checked in bulk; any other valid tar is read
+record by record. Random access (`WdsShard`) and streaming (advpipe.sampler.streaming)
+both use it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from advpipe.errors import IntegrityError
-from advpipe.stores.shard import ShardData
+from advpipe.stores import tar
+from advpipe.stores.manifest import Manifest, ShardRecord
+from advpipe.stores.shard import DEFAULT_ARRAY, Layout, ShardData, ShardReader, StoredArray
+from advpipe.stores.tar import iter_members
 
-BLOCK = 512
-REGULAR = (b"0", b"\0")
+log = logging.getLogger(__name__)
+
+KEY_DIGITS = 9
+NO_FAILURES = b',"failed":[]}'  # how a record's JSON ends when no variant failed
 
 
 def sample_key(sample_id: int) -> str:
-    return f"{sample_id:09d}"
+    return f"{sample_id:0{KEY_DIGITS}d}"
 
 
-def write_shard(path: Path, shard: ShardData) -> None:
-    """Write one shard tar at `path` (the caller makes it atomic)."""
+def write_shard(path, shard: ShardData, layout: Layout, compression: str | None = None) -> None:
+    """Write one shard tar at `path` (the caller makes it atomic); tars are never compressed."""
     names = list(shard.stored)
-    with open(path, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    stacked = {array.name: shard.stacked(array, layout) for array in layout.arrays}
+    with open(path, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for row, sample_id in enumerate(shard.ids):
             key = sample_key(int(sample_id))
             meta = {"id": int(sample_id), "label": int(shard.labels[row]),
                     "failed": [n for n in names if shard.failed[n][row]]}
-            _add(tar, f"{key}.cls", str(int(shard.labels[row])).encode())
-            _add(tar, f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
-            _add(tar, f"{key}.clean.npy", _npy(shard.clean[row]))
-            if names:
-                _add(tar, f"{key}.variants.npy", _npy(np.stack([shard.stored[n][row] for n in names])))
+            _add(archive, f"{key}.cls", str(int(shard.labels[row])).encode())
+            _add(archive, f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
+            _add(archive, f"{key}.clean.npy", _npy(shard.clean[row]))
+            for name, array in stacked.items():
+                _add(archive, f"{key}.{name}.npy", _npy(array[row]))
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def _add(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(payload), 0, 0o444
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(payload))
+    archive.addfile(info, io.BytesIO(payload))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -65,35 +75,7 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def iter_members(data: memoryview | bytes, shard: str) -> Iterator[tuple[str, memoryview]]:
-    """Yield (name, payload) for each member; refuse links, devices, absolute or '..' names."""
-    view = memoryview(data)
-    position, end = 0, len(view)
-    while position + BLOCK <= end:
-        header = bytes(view[position : position + BLOCK])
-        if header == bytes(BLOCK):
-            return
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        name = f"{prefix}/{name}" if prefix else name
-        try:
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise IntegrityError(f"shard {shard}: corrupt tar header at byte {position}") from None
-        _check_member(shard, name, header[156:157])
-        start = position + BLOCK
-        if start + size > end:
-            raise IntegrityError(f"shard {shard}: truncated (member {name} runs past the end of the file)")
-        yield name, view[start : start + size]
-        position = start + (size + BLOCK - 1) // BLOCK * BLOCK
-    raise IntegrityError(f"shard {shard}: truncated tar (no end-of-archive marker)")
-
-
-def _check_member(shard: str, name: str, kind: bytes) -> None:
-    if kind not in REGULAR:
-        raise IntegrityError(f"shard {shard}: member '{name}' is not a regular file (links and devices are refused)")
-    if name.startswith("/") or ".." in name.split("/"):  # PurePosixPath's test, without its ~2 us per member
-        raise IntegrityError(f"shard {shard}: member name '{name}' points outside the archive; refused")
+# Record by record ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -105,7 +87,7 @@ class Record:
     label: int
     failed: list[str]
     clean: np.ndarray
-    variants: np.ndarray | None
+    arrays: dict[str, np.ndarray]  # stacked array name ('variants', 'variants_float32') -> (k, C, H, W)
 
 
 class NpyDecoder:
@@ -150,69 +132,217 @@ def iter_records(data: memoryview | bytes, shard: str) -> Iterator[Record]:
 def _record(key: str, members: dict[str, memoryview], decode: NpyDecoder, shard: str) -> Record:
     try:
         meta = json.loads(bytes(members["json"]))
-        variants = decode(members["variants.npy"]) if "variants.npy" in members else None
+        arrays = {suffix.removesuffix(".npy"): decode(payload) for suffix, payload in members.items()
+                  if suffix.startswith(DEFAULT_ARRAY) and suffix.endswith(".npy")}
         return Record(key, int(meta["id"]), int(meta["label"]), list(meta.get("failed", [])),
-                      decode(members["clean.npy"]), variants)
+                      decode(members["clean.npy"]), arrays)
     except (KeyError, ValueError, TypeError) as exc:
         raise IntegrityError(f"shard {shard}: record '{key}' is malformed ({exc!r}); run `advpipe verify`") from None
 
 
-class WdsShard:
-    """Random access into one tar shard, for `Store.read` and conversion.
+# Whole shards as columns ----------------------------------------------------------------------------
 
-    The whole shard is read once (it is a few MiB to a few tens of MiB) and indexed;
-    streaming training uses `iter_records` directly instead.
-    """
 
-    def __init__(self, path: Path, variant_names: list[str], count: int) -> None:
-        self.path = path
-        self.variant_names = variant_names
-        self.count = count
-        self._records: list[Record] | None = None
+@dataclass
+class ShardColumns:
+    """One shard as parallel arrays; the image arrays may be read-only views of the shard's bytes."""
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_records": None}
+    ids: np.ndarray  # int64 (n,)
+    labels: np.ndarray  # int64 (n,)
+    failed: np.ndarray  # bool (n, V+1): variants whose generation failed (column 0, clean, never)
+    clean: np.ndarray  # uint8 (n, C, H, W)
+    variants: np.ndarray  # the stacked array named 'variants' (the store's precision): (n, k, C, H, W)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the other stacked arrays, by name
+    layout: Layout | None = None  # where each variant is; None: every variant is in `variants`, in order
 
-    def _open(self) -> list[Record]:
-        if self._records is None:
-            try:
-                data = self.path.read_bytes()
-            except OSError as exc:
-                raise IntegrityError(f"shard {self.path.name}: cannot be read ({exc})") from None
-            records = list(iter_records(data, self.path.name))
-            expected = (len(self.variant_names),)
-            for record in records:
-                if (record.variants.shape[:1] if record.variants is not None else (0,)) != expected:
-                    raise IntegrityError(f"shard {self.path.name}: record '{record.key}' does not hold "
-                                         f"{expected[0]} variants; run `advpipe verify`")
-            if len(records) != self.count:
-                raise IntegrityError(
-                    f"shard {self.path.name}: holds {len(records)} records, manifest says {self.count}"
-                )
-            self._records = records
-            self._failed = np.array([[n in r.failed for n in self.variant_names] for r in records], dtype=bool)
-            self._failed = self._failed.reshape(len(records), len(self.variant_names))
-        return self._records
+    def array(self, name: str) -> np.ndarray:
+        return self.variants if name == DEFAULT_ARRAY else self.arrays[name]
 
     @property
-    def labels(self) -> np.ndarray:
-        return np.array([r.label for r in self._open()], dtype=np.int64)
+    def stored_dtype(self) -> np.dtype:
+        """A dtype that holds any variant's stored values exactly."""
+        return self.variants.dtype if self.layout is None else self.layout.dtype
+
+    def gather(self, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+        """Stored values of variant variants[i] (0-based) at row rows[i], in `stored_dtype`: one gather per array."""
+        if self.layout is None:
+            return self.variants[rows, variants]
+        out = np.empty((len(rows), *self.clean.shape[1:]), self.stored_dtype)
+        for array, positions, columns in self.layout.groups(variants):
+            out[positions] = self.array(array.name)[rows[positions], columns]
+        return out
+
+
+class TarParser:
+    """Turns a WebDataset shard's bytes into ShardColumns.
+
+    A shard as `write_shard` writes it has a fixed stride: each record is the same members in
+    the same order, .cls and .json fit one tar block, and the .npy members have the
+    manifest's shapes and dtypes. Such a shard is read as strided numpy views, with every
+    header checked in bulk (names and ids, member type, sizes, .npy headers) and no Python
+    work per record: ids come from the member names and labels from .cls, as the format
+    defines them, and the JSON is parsed only for records that list failed variants. Any
+    other shard is read record by record with `iter_records`.
+    """
+
+    def __init__(self, image_shape: tuple[int, ...], layout: Layout) -> None:
+        self.shape = tuple(image_shape)
+        self.layout = layout
+        self.names = list(self.layout.names)
+        pixels = int(np.prod(self.shape))
+        members = [("cls", b"", 0), ("json", b"", 0), ("clean.npy", tar.npy_header(self.shape, np.uint8), pixels)]
+        for array in self.layout.arrays:
+            stacked = (len(array.variants), *self.shape)
+            members.append((f"{array.name}.npy", tar.npy_header(stacked, array.dtype),
+                            len(array.variants) * pixels * array.dtype.itemsize))
+        self.members: dict[str, tuple[int, bytes, int]] = {}  # suffix: offset, npy header, size (0: any)
+        offset = 0
+        for suffix, header, pixel_bytes in members:
+            size = len(header) + pixel_bytes
+            self.members[suffix] = (offset, header, size)
+            offset += tar.BLOCK + tar.blocks(size or tar.BLOCK) * tar.BLOCK
+        self.stride = offset
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> TarParser:
+        return cls(manifest.image_shape, manifest.layout)
+
+    def read(self, data: Any, shard: ShardRecord) -> ShardColumns:
+        columns = self._strided(data, shard)
+        if columns is None:
+            log.debug("shard %s is not laid out at a fixed stride; reading it record by record", shard.name)
+            columns = self._by_record(data, shard)
+        return columns
+
+    def _columns(self, ids: np.ndarray, labels: np.ndarray, failed: np.ndarray, clean: np.ndarray,
+                 arrays: dict[str, np.ndarray]) -> ShardColumns:
+        variants = arrays.pop(DEFAULT_ARRAY, None)
+        if variants is None:  # no variant is kept in the store's precision
+            variants = np.zeros((len(ids), 0, *self.shape), self.layout.dtype)
+        single = [a.name for a in self.layout.arrays] in ([], [DEFAULT_ARRAY])
+        return ShardColumns(ids, labels, failed, clean, variants, arrays, None if single else self.layout)
+
+    def _strided(self, data: Any, shard: ShardRecord) -> ShardColumns | None:
+        count, end = shard.count, shard.count * self.stride
+        if count < 1 or len(data) < end + 2 * tar.BLOCK or np.frombuffer(data, np.uint8, offset=end).any():
+            return None
+        checked = self._check_headers(data, count)
+        labels = None if checked is None else tar.decimals(self._payload(data, count, "cls", (tar.BLOCK,)),
+                                                           checked[1]["cls"])
+        if checked is None or labels is None:
+            return None
+        ids, sizes = checked
+        failed = self._failed_from_json(shard, ids, labels, self._payload(data, count, "json", (tar.BLOCK,)),
+                                        sizes["json"])
+        arrays = {array.name: self._payload(data, count, f"{array.name}.npy", (len(array.variants), *self.shape),
+                                            array.dtype) for array in self.layout.arrays}
+        return self._columns(ids, labels, failed, self._payload(data, count, "clean.npy", self.shape), arrays)
+
+    def _check_headers(self, data: Any, count: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """(ids, member sizes) if every record has this layout's member names, types, sizes and .npy headers."""
+        ids, sizes = None, {}
+        for suffix, (offset, npy_header, size) in self.members.items():
+            header = tar.strided(data, count, self.stride, offset, (tar.BLOCK,))
+            member_ids, member_size = tar.member_keys(header, suffix, KEY_DIGITS), tar.octal_sizes(header)
+            if member_ids is None or member_size is None or (ids is not None and not np.array_equal(ids, member_ids)):
+                return None
+            expected = member_size == size if size else (member_size > 0) & (member_size <= tar.BLOCK)
+            npy = tar.strided(data, count, self.stride, offset + tar.BLOCK, (len(npy_header),))
+            if not (expected.all() and (npy == np.frombuffer(npy_header, np.uint8)).all()):
+                return None
+            ids, sizes[suffix] = member_ids, member_size
+        return ids, sizes
+
+    def _payload(self, data: Any, count: int, suffix: str, shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+        """(count, *shape) view of each record's `suffix` member, after its .npy header if it has one."""
+        offset, npy_header, _ = self.members[suffix]
+        return tar.strided(data, count, self.stride, offset + tar.BLOCK + len(npy_header), shape, dtype)
+
+    def _failed_from_json(self, shard: ShardRecord, ids: np.ndarray, labels: np.ndarray, payloads: np.ndarray,
+                          sizes: np.ndarray) -> np.ndarray:
+        tails = np.take_along_axis(payloads, np.maximum(sizes[:, None] - len(NO_FAILURES), 0)
+                                   + np.arange(len(NO_FAILURES)), axis=1)
+        listed = np.flatnonzero(~(tails == np.frombuffer(NO_FAILURES, np.uint8)).all(axis=1))
+        entries = []
+        for row in listed.tolist():
+            key = sample_key(int(ids[row]))
+            try:
+                meta = json.loads(bytes(payloads[row, :sizes[row]]))
+                consistent = meta["id"] == ids[row] and meta["label"] == labels[row]
+                entries.append((row, key, list(meta.get("failed", []))))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IntegrityError(f"shard {shard.name}: record '{key}' is malformed ({exc!r}); "
+                                     "run `advpipe verify`") from None
+            if not consistent:
+                raise IntegrityError(f"shard {shard.name}: record '{key}' has id or label differing from its "
+                                     "member names or .cls; run `advpipe verify`")
+        return self._failed_matrix(shard, len(ids), entries)
+
+    def _by_record(self, data: Any, shard: ShardRecord) -> ShardColumns:
+        records = list(iter_records(memoryview(data), shard.name))
+        expected = {a.name: ((len(a.variants), *self.shape), a.dtype) for a in self.layout.arrays}
+        bad = [r.key for r in records if r.clean.shape != self.shape or r.clean.dtype != np.uint8
+               or {name: (a.shape, a.dtype) for name, a in r.arrays.items()} != expected]
+        if bad:
+            raise IntegrityError(f"shard {shard.name}: record '{bad[0]}' does not have the manifest's image shape "
+                                 f"{self.shape}, variants or precisions; run `advpipe verify`")
+        count = len(records)
+        arrays = {name: np.stack([r.arrays[name] for r in records]) if records else np.zeros((0, *shape), dtype)
+                  for name, (shape, dtype) in expected.items()}
+        return self._columns(
+            ids=np.fromiter((r.id for r in records), dtype=np.int64, count=count),
+            labels=np.fromiter((r.label for r in records), dtype=np.int64, count=count),
+            failed=self._failed_matrix(shard, count, [(row, r.key, r.failed) for row, r in enumerate(records)]),
+            clean=np.stack([r.clean for r in records]) if records else np.zeros((0, *self.shape), np.uint8),
+            arrays=arrays,
+        )
+
+    def _failed_matrix(self, shard: ShardRecord, count: int, entries: list[tuple[int, str, list[str]]]) -> np.ndarray:
+        failed = np.zeros((count, len(self.names) + 1), dtype=bool)
+        for row, key, names in entries:
+            for name in names:
+                if name not in self.names:
+                    raise IntegrityError(f"shard {shard.name}: record '{key}' lists unknown failed variant "
+                                         f"'{name}'; run `advpipe verify`")
+                failed[row, self.names.index(name) + 1] = True
+        return failed
+
+
+class WdsShard(ShardReader):
+    """Random access into one tar shard: the whole shard is fetched once and parsed into columns.
+
+    Shards are a few MiB to a few tens of MiB; a local one is memory-mapped, so the columns
+    are views of the page cache. Streaming training parses shards with `TarParser` directly.
+    """
+
+    _columns: ShardColumns | None = None
+
+    def load(self) -> None:
+        if self._columns is None:
+            parser = TarParser(self.image_shape, self.layout)
+            columns = parser.read(self.source.fetch(self.record, self.verify), self.record)
+            if len(columns.ids) != self.count:
+                raise IntegrityError(f"shard {self.name}: holds {len(columns.ids)} records, manifest says {self.count}")
+            self._columns = columns
+
+    @property
+    def columns(self) -> ShardColumns:
+        self.load()
+        return self._columns
 
     @property
     def ids(self) -> np.ndarray:
-        return np.array([r.id for r in self._open()], dtype=np.int64)
+        return self.columns.ids
 
-    def failed(self, variant_index: int) -> np.ndarray:
-        self._open()
-        return self._failed[:, variant_index]
+    @property
+    def labels(self) -> np.ndarray:
+        return self.columns.labels
+
+    def failed(self) -> np.ndarray:
+        return self.columns.failed[:, 1:]
 
     def clean(self, rows: np.ndarray) -> np.ndarray:
-        records = self._open()
-        return np.stack([records[r].clean for r in rows])
+        return self.columns.clean[rows]
 
-    def stored(self, variant_index: int, rows: np.ndarray) -> np.ndarray:
-        return self.stored_pairs(rows, np.full(len(rows), variant_index))
-
-    def stored_pairs(self, rows: np.ndarray, variant_indices: np.ndarray) -> np.ndarray:
-        records = self._open()
-        return np.stack([records[r].variants[v] for r, v in zip(rows, variant_indices, strict=True)])
+    def gather(self, array: StoredArray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        return self.columns.array(array.name)[rows, columns]

@@ -308,8 +308,8 @@ def api_ratio_above_one(tmp: Path, model: Path) -> Case:
 
 
 def api_unknown_generator(tmp: Path, model: Path) -> Case:
-    path = write_config(tmp, config_with(tmp, model, variants={"pgd": {"eps": 0.1}}))
-    return Case(call=loading(path), error=ConfigError, match=r"variants\.pgd: unknown generator 'pgd' \(known: ",
+    path = write_config(tmp, config_with(tmp, model, variants={"mim": {"eps": 0.1}}))
+    return Case(call=loading(path), error=ConfigError, match=r"variants\.mim: unknown generator 'mim' \(known: ",
                 names=["config.yaml"])
 
 

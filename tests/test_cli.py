@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import digits_config, write_test_store
@@ -29,22 +30,40 @@ def test_help_explains_every_command():
         assert sub.returncode == 0 and "usage: advpipe " + name in sub.stdout
 
 
+def drawn_fraction(path: Path) -> float:
+    """Share of a picture's pixels that are not the white background."""
+    with Image.open(path) as picture:
+        return float((np.asarray(picture.convert("L")) < 250).mean())
+
+
 def test_inspect_prints_a_card_and_draws_a_grid(tmp_path, capsys):
     write_test_store(tmp_path / "store")
     assert main(["inspect", str(tmp_path / "store"), "--grid", str(tmp_path / "grid.png"), "-n", "3"]) == 0
     out = capsys.readouterr().out
     assert "precision float16" in out and "noise" in out and "tiny" in out and "train=70" in out
     with Image.open(tmp_path / "grid.png") as picture:
-        assert picture.size[0] > picture.size[1] > 100
+        assert picture.format == "PNG"
+        assert picture.size == (650, 390)  # 3 rows; clean + 2 variants x (image, difference): 1.3 in each at 100 dpi
+    assert drawn_fraction(tmp_path / "grid.png") > 0.3  # the cells hold pictures, not empty axes
 
 
-def test_verify_exit_codes_name_the_bad_shard(tmp_path):
+def damage(shard: Path, how: str) -> None:
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100] if how == "truncate" else data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+
+
+@pytest.mark.parametrize(("command", "how"), [("inspect", "truncate"), ("sample", "flip"), ("verify", "flip")])
+def test_a_corrupt_store_exits_3_naming_the_shard(tmp_path, command, how):
+    """Exit 3 means 'the store is damaged' for every command that reads one, not only for verify."""
     write_test_store(tmp_path / "store")
-    assert run("verify", str(tmp_path / "store")).returncode == 0
-    shard = tmp_path / "store" / "test" / "test-00001.h5"
-    shard.write_bytes(shard.read_bytes()[:-100])
-    result = run("verify", str(tmp_path / "store"))
-    assert result.returncode == 3 and "test-00001.h5" in result.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"sampler": {"batch_size": 16}}))
+    extra = {"inspect": [], "sample": ["--config", str(config)], "verify": []}[command]
+    assert run(command, str(tmp_path / "store"), *extra).returncode == 0
+    damage(tmp_path / "store" / "train" / "train-00001.h5", how)
+    result = run(command, str(tmp_path / "store"), *extra)
+    assert result.returncode == 3, result.stderr
+    assert "train-00001.h5" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_convert_then_verify(tmp_path):
@@ -68,7 +87,7 @@ def test_config_typo_names_the_key_and_file(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["inspect", "/nonexistent/store"], "no such store directory"),
     (["generate", "/nonexistent/config.yaml"], "config file not found"),
-    (["train-source", "{config}", "--device", "cuda:7"], "cuda"),
+    (["train-source", "{config}", "--device", "cuda:999"], "cuda:999"),  # an index no machine has
 ])
 def test_bad_arguments_fail_cleanly(tmp_path, args, message):
     config = tmp_path / "c.yaml"
@@ -96,7 +115,9 @@ def test_sample_shows_the_policy(tmp_path):
                  "--grid", str(tmp_path / "g.png"))
     assert result.returncode == 0, result.stderr
     assert "noise" in result.stdout and "tiny" in result.stdout and "clean" in result.stdout
-    assert (tmp_path / "g.png").stat().st_size > 1000
+    with Image.open(tmp_path / "g.png") as picture:
+        assert picture.format == "PNG" and picture.size == (1280, 360)  # 16 images: 2 rows of 8
+    assert drawn_fraction(tmp_path / "g.png") > 0.3
     config.write_text(yaml.safe_dump({"sampler": {"weights": {"fgsm": 1}}}))
     result = run("sample", str(tmp_path / "store"), "--config", str(config))
     assert result.returncode == 2 and "fgsm" in result.stderr

@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import pickle
+import subprocess
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -351,23 +352,66 @@ def test_cifar100_uses_fine_labels(tmp_path):
     assert train.labels.tolist() == batches["train"][b"fine_labels"]
 
 
-class Payload:
-    """Unpickling this with plain pickle would run a shell command."""
+class Reduce:
+    """Pickles to `function(*args)`: what a tampered batch file would make plain pickle call."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return self.function, self.args
 
 
-def test_cifar_refuses_a_malicious_pickle_without_running_it(tmp_path):
-    folder, _ = make_cifar(tmp_path)
+def numpy_load_payload(tmp_path: Path, command: str) -> bytes:
+    """numpy.load(an .npy of object dtype, allow_pickle=True): the .npy's own pickle runs `command`."""
+    npy = tmp_path / "evil.npy"
+    np.save(npy, np.array([Reduce(os.system, command)], dtype=object), allow_pickle=True)
+    return pickle.dumps({b"data": Reduce(np.load, str(npy), None, True), b"labels": [0]}, protocol=2)
+
+
+def getattr_chain_payload(command: str) -> bytes:
+    """getattr(__import__('os'), 'system')(command), written as opcodes (no class pickles to this)."""
+    return (b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V" + command.encode()
+            + b"\ntR.")
+
+
+PAYLOADS = {
+    "os.system": (r"(posix|os|nt)\.system", lambda tmp, cmd: pickle.dumps({b"data": Reduce(os.system, cmd)})),
+    "subprocess": (r"subprocess\.check_call",
+                   lambda tmp, cmd: pickle.dumps({b"data": Reduce(subprocess.check_call, cmd.split())})),
+    "eval": (r"builtins\.eval",
+             lambda tmp, cmd: pickle.dumps({b"data": Reduce(eval, f"__import__('os').system({cmd!r})")})),
+    "getattr-chain": (r"builtins\.getattr", lambda tmp, cmd: getattr_chain_payload(cmd)),
+    "numpy.load": (r"numpy\.load", numpy_load_payload),
+}
+
+
+def test_cifar_unpickler_allows_exactly_the_array_rebuilders():
+    """numpy arrays, dtypes and protocol-2 bytes need these five globals; any other name is refused."""
+    from advpipe.datasets.safe_pickle import ALLOWED, _latin1_encode
+
+    reconstruct = np.array([1]).__reduce__()[0]
+    assert {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    } == ALLOWED
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+def test_cifar_refuses_a_malicious_pickle_without_running_it(tmp_path, payload):
+    refused, build = PAYLOADS[payload]
+    live = tmp_path / "plain-pickle-ran-it"
+    pickle.loads(build(tmp_path, f"touch {live}"))  # the payload is real: plain pickle runs the command
+    assert live.exists()
+    folder, _ = make_cifar(tmp_path / "cifar")
     marker = tmp_path / "pwned"
-    evil = {b"data": Payload(marker), b"labels": [0]}
-    (folder / "data_batch_3").write_bytes(pickle.dumps(evil, protocol=2))
+    (folder / "data_batch_3").write_bytes(build(tmp_path, f"touch {marker}"))
     for path in (folder, make_tar(tmp_path / "evil.tar.gz", folder)):
-        with pytest.raises(DataError, match=r"refusing to unpickle global '(posix|os|nt)\.system'") as info:
+        load_source.cache_clear()
+        with pytest.raises(DataError, match=f"refusing to unpickle global '{refused}'") as info:
             load_source(SourceConfig(kind="cifar10", path=path), "train")
         assert "data_batch_3" in str(info.value)
     assert not marker.exists()

@@ -1,18 +1,10 @@
-"""Generation: stores that verify, determinism, resume after kill -9, reuse, real Dask clusters, bad input."""
+"""Generation: stores that verify, determinism, reuse, real Dask clusters, bad input (kills: test_faults.py)."""
 
 from __future__ import annotations
-
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import config_at, dask_processes, digits_config, shard_sums
 
 from advpipe.config import config_from_dict
@@ -20,8 +12,6 @@ from advpipe.errors import ConfigError, ModelError, StoreError
 from advpipe.models.checkpoint import load_checkpoint
 from advpipe.pipeline.job import generate
 from advpipe.stores import open_store, verify_store
-
-VENV_BIN = Path(sys.executable).parent
 
 
 def test_generated_store_verifies_and_records_statistics(reference_store, digits_model):
@@ -75,34 +65,6 @@ def test_one_and_two_worker_processes_give_identical_shards(tmp_path, digits_mod
         assert shard_sums(tmp_path / f"w{workers}" / "store") == shard_sums(reference_store)
 
 
-def write_yaml(root: Path, config: dict) -> Path:
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def test_resume_after_kill_9_of_the_client(tmp_path, digits_model, reference_store):
-    raw = digits_config(tmp_path, checkpoint=digits_model)
-    config_path = write_yaml(tmp_path, raw)
-    client = subprocess.Popen([str(VENV_BIN / "advpipe"), "generate", str(config_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    progress = tmp_path / "store" / ".progress"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(progress.glob("*.json"))) < 2 and client.poll() is None:
-        time.sleep(0.05)
-    assert client.poll() is None, "generation finished before it could be interrupted"
-    os.kill(client.pid, signal.SIGKILL)
-    client.wait()
-    assert not (tmp_path / "store" / "manifest.json").exists()
-    with pytest.raises(StoreError, match="not a finished store"):
-        open_store(tmp_path / "store")
-    outcome = generate(config_from_dict(raw), progress=False)
-    assert 0 < outcome.computed < 6 and outcome.reused >= 2
-    assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
-    assert verify_store(tmp_path / "store").ok
-    assert not (tmp_path / "store" / ".progress").exists()
-
-
 def test_real_scheduler_and_two_worker_processes(tmp_path, digits_model, reference_store):
     """`dask scheduler` and two `dask worker` processes on 127.0.0.1, as on a cluster."""
     with dask_processes(tmp_path, workers=2) as (address, _):
@@ -110,6 +72,25 @@ def test_real_scheduler_and_two_worker_processes(tmp_path, digits_model, referen
     assert outcome.computed == 6
     assert verify_store(tmp_path / "store").ok
     assert shard_sums(tmp_path / "store") == shard_sums(reference_store)
+
+
+def no_sbatch(monkeypatch) -> None:
+    import shutil
+
+    which = shutil.which
+    monkeypatch.setattr("advpipe.pipeline.cluster.shutil.which",
+                        lambda name, *args, **kwargs: None if name == "sbatch" else which(name, *args, **kwargs))
+
+
+def test_slurm_needs_sbatch_on_the_path(monkeypatch):
+    from advpipe.pipeline.cluster import check_spec
+
+    no_sbatch(monkeypatch)
+    with pytest.raises(ConfigError, match="needs SLURM's `sbatch` on this machine's PATH"):
+        check_spec("slurm")
+    monkeypatch.setattr("advpipe.pipeline.cluster.shutil.which",
+                        lambda name, *args, **kwargs: "/usr/bin/sbatch" if name == "sbatch" else None)
+    check_spec("slurm")  # a login node: accepted (nothing is submitted by a check)
 
 
 def test_slurm_job_script(tmp_path):
@@ -130,7 +111,7 @@ def test_slurm_job_script(tmp_path):
     ({"fgsm": {"eps": -0.1}}, "eps"),
     ({"fgsm": {"eps": 5.0}}, "eps"),
     ({"fgsm": {"epz": 0.1}}, "unknown parameter 'epz'"),
-    ({"pgd": {"eps": 0.1}}, "unknown generator 'pgd'"),
+    ({"mim": {"eps": 0.1}}, "unknown generator 'mim'"),
     ({"fgsm": {"backend": "native"}}, "backend 'native'"),
 ])
 def test_bad_variant_configs_are_refused(tmp_path, variants, message):
@@ -195,21 +176,35 @@ def test_a_config_that_is_a_subset_of_the_store_is_up_to_date(tmp_path, digits_m
 
 @pytest.mark.parametrize("cluster,device,message", [
     ("lokal:2", None, "lokal:2"),
-    ("slurm", None, "sbatch"),
-    ("inline", "cuda:3", "cuda"),
+    ("slurm", None, "needs SLURM's `sbatch`"),
+    ("inline", "cuda:999", "cuda:999"),  # an index no machine has, GPU or not
 ])
 def test_bad_cluster_or_device_is_refused_before_anything_is_written(tmp_path, digits_model, cluster, device,
-                                                                      message):
+                                                                      message, monkeypatch):
+    no_sbatch(monkeypatch)  # as on a laptop, even where SLURM is installed: nothing may be submitted
     with pytest.raises(ConfigError, match=message):
         generate(config_at(tmp_path, digits_model), cluster=cluster, device=device, progress=False)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_cuda_index_the_machine_lacks_is_refused(monkeypatch):
+    """On a machine with two GPUs (simulated here): cuda:1 is used; cuda:2, and indices torch would wrap to 8 bits
+    (cuda:256 is torch.device cuda:0, cuda:999 is cuda:-25), are refused."""
+    from advpipe.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    for name in ("cuda:2", "cuda:256", "cuda:999"):
+        with pytest.raises(ConfigError, match=f"device '{name}' .* has 2 CUDA GPU"):
+            resolve_device(name)
 
 
 def test_force_replaces_an_unreadable_store(tmp_path, digits_model):
     config = config_at(tmp_path, digits_model)
     generate(config, progress=False)
     manifest_path = tmp_path / "store" / "manifest.json"
-    manifest_path.write_text(manifest_path.read_text().replace('"format_version": 2', '"format_version": 1'))
+    manifest_path.write_text(manifest_path.read_text().replace('"format_version": 3', '"format_version": 1'))
     with pytest.raises(StoreError, match="version 1"):
         generate(config, progress=False)
     assert generate(config, force=True, progress=False).status == "created"

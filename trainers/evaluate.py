@@ -46,12 +46,11 @@ from advpipe.sampler import open_loader
 from advpipe.stores import Store, open_store
 from advpipe.trainers.corruptions import corrupt
 from advpipe.trainers.loop import evaluate as loader_accuracy
+from advpipe.trainers.report import EVALUATION_DIR, EVALUATION_FORMAT, write_evaluation
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 512
-EVALUATION_FORMAT = "advpipe-evaluation/1"
-EVALUATION_FILE = "evaluation.json"
 RUN_FILE, MODEL_FILE, STATE_FILE = "run.json", "model.pt", "checkpoint.pt"
 TEST = "test"
 CLEAN = "clean"
@@ -364,20 +363,19 @@ def measure_detector(ctx: Context) -> dict[str, Any]:
         return {}
     reference, head = (module.to(ctx.device) for module in ctx.subject.detector)
     kinds = {v.name: getattr(v, "kind", None) for v in ctx.store.manifest.variants}
-    every = TestImages.select(ctx.store, None, 0, ctx.config.batch_size, ctx.device)
     per_variant, adversarial = {}, [0, 0]
     for variant_id, name in enumerate(ctx.store.variants):
         if kinds.get(name) == "shift":
             continue
         correct = 0
-        for x, _ in every.batches(variant_id):
+        for x, _ in ctx.images.batches(variant_id):
             with torch.no_grad():
                 flags = head(reference.features(x.to(ctx.device)))[0].argmax(dim=1).cpu()
             correct += int((flags == int(variant_id > 0)).sum())
-        per_variant[name] = correct / len(every)
+        per_variant[name] = correct / len(ctx.images)
         if variant_id > 0:
             adversarial[0] += correct
-            adversarial[1] += len(every)
+            adversarial[1] += len(ctx.images)
     ctx.step("detector")
     return {"detector": {"clean_accuracy": per_variant[CLEAN], "adversarial_accuracy": share(*adversarial),
                          "variants": per_variant}}
@@ -419,7 +417,7 @@ def measure_minimal_fgsm(ctx: Context) -> dict[str, Any]:
     successes, blank, blank_failures, norms = 0, 0, 0, []
     for x, y in targets.batches():
         x_np, y_np = x.numpy(), y.numpy()
-        gradient = classifier.loss_gradient(x_np, y_np)
+        gradient = classifier.loss_gradient(x_np, np.eye(classifier.nb_classes, dtype=np.float32)[y_np])
         is_blank = ~np.any(gradient.reshape(len(x_np), -1) != 0, axis=1)
         adversarial = attack.generate(x_np, y_np)
         fooled = (predictions(ctx.subject.model, torch.from_numpy(adversarial), ctx.device) != y).numpy()
@@ -498,8 +496,8 @@ def _autoattack_components(classifier: Any, aa: Any, norm: float, batch_size: in
                                                       max_iter=aa.iterations, nb_random_init=1, batch_size=batch_size,
                                                       loss_type="cross_entropy", verbose=False))
         elif name == "apgd-t":
-            built.append(TopClassTargets(classifier, norm=norm, eps=aa.eps, iterations=aa.iterations,
-                                         targets=aa.targets, batch_size=batch_size))
+            built.append(targeted_apgd(classifier, norm=norm, eps=aa.eps, iterations=aa.iterations,
+                                       targets=aa.targets, batch_size=batch_size))
         elif name == "deepfool":
             built.append(DeepFool(classifier, max_iter=100, epsilon=1e-3, nb_grads=10, batch_size=batch_size,
                                   verbose=False))
@@ -554,7 +552,8 @@ def _targeted_apgd_class() -> type:
     return TopClassTargetsAttack
 
 
-def TopClassTargets(classifier: Any, **kwargs: Any) -> Any:  # noqa: N802 - builds an ART attack class lazily
+def targeted_apgd(classifier: Any, **kwargs: Any) -> Any:
+    """APGD-T as an ART attack (the class is made on first use: importing ART is slow)."""
     return _targeted_apgd_class()(classifier, **kwargs)
 
 
@@ -692,15 +691,13 @@ class EvaluationResult:
 
 def default_out(target: Path) -> Path:
     """RUN_DIR/evaluation for a run directory, NAME-evaluation beside a checkpoint file."""
-    return target / "evaluation" if target.is_dir() else target.parent / f"{target.stem}-evaluation"
+    return target / EVALUATION_DIR if target.is_dir() else target.parent / f"{target.stem}-evaluation"
 
 
 def evaluate(target: str | Path, store_location: str | Path, *, config: EvaluationConfig | None = None,
              out: str | Path | None = None, device: str | torch.device | None = "auto",
              progress: bool = True) -> EvaluationResult:
     """Evaluate a checkpoint or run directory on a store's test split; write evaluation.json, .md and plots."""
-    from advpipe.trainers.report import write_evaluation
-
     config = config or EvaluationConfig()
     target = Path(target)
     device_ = resolve_device(device)

@@ -61,15 +61,20 @@ def method_entry(config: Config, name: str) -> MethodConfig:
 
 
 def train(config: Config, name: str, *, out: str | Path | None = None, resume: bool = False,
-          device: str | None = None, progress: bool = True) -> RunResult:
-    """Train method `name` (an entry of config.methods, or a registered method) on config.store."""
+          device: str | None = None, progress: bool = True, replace: bool = False) -> RunResult:
+    """Train method `name` (an entry of config.methods, or a registered method) on config.store.
+
+    replace: a run directory made with other settings is cleared and trained again (the main job
+    does this in its own runs directory); otherwise it is refused and left untouched.
+    """
     entry = method_entry(config, name)
     device_ = distributed.init_from_environment(resolve_device(device or config.device))
     store = open_store(config.store.path)
     context = _context(config, store, entry)
     run_dir = Path(out) if out is not None else config.train.runs_dir / config.name / name
     settings = _settings(config, name, entry, store, context)
-    status = distributed.broadcast_object(_claim_run_dir(run_dir, settings, resume) if distributed.is_main() else None)
+    claim = _claim_run_dir(run_dir, settings, resume, replace) if distributed.is_main() else None
+    status = distributed.broadcast_object(claim)
     if status == "up-to-date":
         log.info("%s: %s already trained with these settings; nothing to do", run_dir, name)
         return RunResult(run_dir, status, read_metrics(run_dir), run_dir / MODEL_FILE)
@@ -144,7 +149,7 @@ def _settings(config: Config, name: str, entry: MethodConfig, store: Store, cont
             "libraries": library_versions()}
 
 
-def _claim_run_dir(run_dir: Path, settings: dict, resume: bool) -> str:
+def _claim_run_dir(run_dir: Path, settings: dict, resume: bool, replace: bool = False) -> str:
     """Decide what the run directory means for this run; refuse anything that would overwrite another run."""
     record = run_dir / RUN_FILE
     if record.is_file():
@@ -152,6 +157,10 @@ def _claim_run_dir(run_dir: Path, settings: dict, resume: bool) -> str:
             previous = json.loads(record.read_text())
         except ValueError:
             raise TrainingError(f"{run_dir}: {RUN_FILE} is damaged; move the directory away or choose --out") from None
+        if previous.get("fingerprint") != settings["fingerprint"] and replace:
+            log.info("%s: settings changed; training it again", run_dir)
+            _clear_run_dir(run_dir)
+            previous = {"fingerprint": settings["fingerprint"], "status": "cleared"}
         if previous.get("fingerprint") != settings["fingerprint"]:
             differs = [k for k in ("method", "params", "train", "sampler", "seed", "arch", "store", "source_model")
                        if previous.get(k) != settings[k]]
@@ -160,7 +169,7 @@ def _claim_run_dir(run_dir: Path, settings: dict, resume: bool) -> str:
                                 "to train again")
         if previous.get("status") == "finished":
             return "up-to-date"
-        if not resume:
+        if not resume and previous.get("status") != "cleared":
             raise TrainingError(f"{run_dir}: holds an interrupted run of these settings; add --resume to "
                                 "continue it (or delete the directory to start again)")
     elif resume and (run_dir / STATE_FILE).exists():
@@ -175,3 +184,18 @@ def _claim_run_dir(run_dir: Path, settings: dict, resume: bool) -> str:
             raise ConfigError(f"{run_dir}: cannot write the run directory ({exc.strerror or exc}); "
                               "choose a writable --out or train.runs_dir") from None
     return "new"
+
+
+RUN_PRODUCTS = (RUN_FILE, STATE_FILE, MODEL_FILE, "metrics.jsonl", "calibrater.pt", "tensorboard", "evaluation")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove what `advpipe train` and `advpipe evaluate` wrote in a run directory, and nothing else."""
+    import shutil
+
+    for name in RUN_PRODUCTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -8,7 +8,8 @@ load_source(config, split) runs one pipeline whatever the format:
 2. validate: dtype, shape, image/label counts, labels within [0, classes);
 3. split: a pool is split deterministically and stratified by class
    (np.random.default_rng(source.split_seed), source.test_fraction; see
-   transforms.stratified_split);
+   transforms.stratified_split); with source.test_from_train the predefined
+   training split is split the same way and the predefined test set is unused;
 4. limit: keep the first source.limit images of the split (done before the
    per-image steps below, which gives the same result for less work);
 5. channels (1 -> 3 repeat, 3 -> 1 luminance), then image_size (bilinear, PIL);
@@ -127,8 +128,9 @@ def load_source(config: SourceConfig, split: str) -> SourceSplit:
         raise DataError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     raw = READERS[config.kind](config)
     raw.validate()
-    if raw.pool is not None:
-        part = split_pool(raw.pool, split, config.test_fraction, config.split_seed)
+    pool = raw.pool if raw.pool is not None else (raw.train if config.test_from_train else None)
+    if pool is not None:
+        part = split_pool(pool, split, config.test_fraction, config.split_seed)
     else:
         part = raw.train if split == "train" else raw.test
         assert part is not None  # RawSource guarantees train and test without a pool

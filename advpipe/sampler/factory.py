@@ -14,14 +14,13 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-import fsspec
-
 from advpipe.config import SamplerConfig
-from advpipe.errors import SamplerError, StoreError
+from advpipe.errors import SamplerError
 from advpipe.sampler.loader import EpochLoader
 from advpipe.sampler.mapstyle import make_loader
 from advpipe.sampler.streaming import make_stream_loader
-from advpipe.stores.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from advpipe.stores.backends import backend
+from advpipe.stores.source import ShardSource
 
 Reader = Literal["auto", "map", "stream"]
 
@@ -40,25 +39,13 @@ def open_loader(location: str | os.PathLike, split: str = "train", sampler_confi
     config = sampler_config or SamplerConfig()
     if reader not in ("auto", "map", "stream"):
         raise SamplerError(f"reader must be 'auto', 'map' or 'stream', got {reader!r}")
-    manifest = read_manifest_at(location, storage_options)
+    manifest = ShardSource(location, storage_options).manifest()
     if reader == "auto":
-        reader = "stream" if manifest.backend == "webdataset" else "map"
+        reader = "stream" if backend(manifest.backend).streamable else "map"
     common = {"num_workers": num_workers, "rank": rank, "world_size": world_size, "pair_clean": pair_clean,
               "pin_memory": pin_memory, "shuffle": shuffle, "drop_last": drop_last}
     if reader == "stream":
         return make_stream_loader(location, split, config, batch_size=batch_size or config.batch_size,
                                   storage_options=storage_options, **common, **options)
-    return make_loader(location, split, config, batch_size=batch_size, **common, **options)
-
-
-def read_manifest_at(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """The manifest of the store at a local path or fsspec URL."""
-    fs, root = fsspec.core.url_to_fs(str(location), **(storage_options or {}))
-    try:
-        text = fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}")
-    except FileNotFoundError:
-        raise StoreError(f"{location}: not a finished store (no {MANIFEST_NAME}); it may still be being "
-                         "generated, or the location is wrong") from None
-    except OSError as exc:
-        raise StoreError(f"{location}: cannot read {MANIFEST_NAME} ({exc})") from None
-    return parse_manifest(text, f"{location}/{MANIFEST_NAME}")
+    return make_loader(location, split, config, batch_size=batch_size, storage_options=storage_options, **common,
+                       **options)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from advpipe.config import SamplerConfig
 from advpipe.errors import SamplerError
 from advpipe.sampler.loader import EpochLoader
 from advpipe.sampler.policy import Policy, scenario_variants, uniforms
+from advpipe.stores.backends import backend
 from advpipe.stores.store import SplitReader, Store, Verify, open_store
 
 log = logging.getLogger(__name__)
@@ -193,9 +195,10 @@ class StoreLoader(EpochLoader):
         yield from self.dataloader
 
 
-def resolve_store(store: Store | str | Path, verify: Verify = "checksum") -> Store:
-    """An open Store as given, or open the path (manifest and shard sizes are checked now)."""
-    return store if isinstance(store, Store) else open_store(store, verify=verify)
+def resolve_store(store: Store | str | Path, verify: Verify = "checksum",
+                  storage_options: dict[str, Any] | None = None) -> Store:
+    """An open Store as given, or open the path or URL (manifest and shard sizes are checked now)."""
+    return store if isinstance(store, Store) else open_store(store, verify, storage_options)
 
 
 def build_sampler(store: Store, split: str, sampler_config: SamplerConfig, *, batch_size: int | None = None,
@@ -235,16 +238,16 @@ def make_loader(store: Store | str | Path, split: str, sampler_config: SamplerCo
                 batch_size: int | None = None, num_workers: int = 0, persistent_workers: bool = False,
                 pin_memory: bool = False, shuffle: bool = True, drop_last: bool = False, rank: int | None = None,
                 world_size: int | None = None, pair_clean: bool | None = None,
-                verify: Verify = "checksum") -> StoreLoader:
+                verify: Verify = "checksum", storage_options: dict[str, Any] | None = None) -> StoreLoader:
     """A StoreLoader over one split; every config, policy and store problem is raised here.
 
     batch_size and pair_clean default to the config's; rank and world_size to torch.distributed's.
     `verify` applies when a path is given (an open Store keeps the verification it was opened with).
     """
-    store = resolve_store(store, verify)
+    store = resolve_store(store, verify, storage_options)
     sampler = build_sampler(store, split, sampler_config, batch_size=batch_size, shuffle=shuffle,
                             drop_last=drop_last, rank=rank, world_size=world_size)
-    if store.manifest.backend != "hdf5":
+    if backend(store.manifest.backend).streamable:
         log.info("%s is a %s store: map-style reading holds whole shards in memory per worker; "
                  "streaming reads it in order", store.path, store.manifest.backend)
     pair = sampler_config.pair_clean if pair_clean is None else pair_clean

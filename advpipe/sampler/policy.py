@@ -226,9 +226,10 @@ def resolve_weights(config: SamplerConfig, available: list[str],
     return {name: ranges[name] for name in available if name in ranges}
 
 
-SCENARIO_GENERATORS = frozenset({"b1", "b2"})
-
-
 def scenario_variants(manifest) -> frozenset[str]:
-    """A store's variants made by scenario-shift generators (the calibrater's b1/b2), not by attacks."""
-    return frozenset(v.name for v in manifest.variants if v.generator in SCENARIO_GENERATORS)
+    """A store's variants of kind 'shift' (the calibrater's b1/b2), as the manifest records them.
+
+    Stores of format version 2 predate kinds; reading their manifest fills the kind in from the
+    generator name (advpipe.stores.manifest.SHIFT_GENERATORS), so they keep working.
+    """
+    return frozenset(manifest.variants_of_kind("shift"))

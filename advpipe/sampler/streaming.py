@@ -26,7 +26,7 @@ an image belongs to (point = id // batch_size): each point governs as many draws
 batch, and draws stay layout-independent; a shuffled training batch mixes blocks.
 
 Reading cost is kept off the per-record path: a shard with the fixed layout the writer
-produces is read as strided numpy views of its bytes (see ShardReader), only each image's
+produces is read as strided numpy views of its bytes (advpipe.stores.wds.TarParser), only each image's
 clean pixels and chosen variant are copied out, and decoding runs a batch at a time.
 
 The same seed, epoch and layout (ranks, workers, buffer) give the same sequence.
@@ -36,22 +36,14 @@ epoch's iterator starts, so do not use persistent workers.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import mmap
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from advpipe.batch import Batch
@@ -61,8 +53,10 @@ from advpipe.sampler.loader import EpochLoader
 from advpipe.sampler.mapstyle import distributed_layout
 from advpipe.sampler.policy import Policy, scenario_variants
 from advpipe.stores import codec
-from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
-from advpipe.stores.wds import BLOCK, iter_records, sample_key
+from advpipe.stores.backends import backend
+from advpipe.stores.manifest import ShardRecord
+from advpipe.stores.source import ShardSource
+from advpipe.stores.wds import ShardColumns, TarParser
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +64,6 @@ Samples = dict[str, np.ndarray]  # parallel arrays: index, label, variant, clean
 Verify = Literal["checksum", "size"]
 SHARD_ORDER, BUFFER_ORDER = 1, 2  # tags that keep the two shuffles' generators apart
 MASK64 = (1 << 64) - 1
-KEY_DIGITS = len(sample_key(0))
-REGULAR_TYPES = (ord("0"), 0)  # tar type flags of a regular file
-NO_FAILURES = b',"failed":[]}'  # how a record's JSON ends when no variant failed
 
 
 class StreamingVariantDataset(IterableDataset):
@@ -99,7 +90,7 @@ class StreamingVariantDataset(IterableDataset):
         self.source = ShardSource(str(location), storage_options or {}, verify)
         self.manifest = self.source.manifest()
         self._check_store(split)
-        self.reader = ShardReader(self.manifest)
+        self.reader = TarParser.of(self.manifest)
         self.split = split
         self.shards = self.manifest.splits[split].shards
         self.source.verify_local(self.shards)
@@ -116,7 +107,7 @@ class StreamingVariantDataset(IterableDataset):
 
     def _check_store(self, split: str) -> None:
         location, manifest = self.source.location, self.manifest
-        if manifest.backend != "webdataset":
+        if not backend(manifest.backend).streamable:
             raise StoreError(
                 f"{location}: a {manifest.backend} store cannot be streamed; streaming reads WebDataset stores. "
                 f"Convert it with `advpipe convert {location} NEW_STORE --to webdataset`, or read it with the "
@@ -246,21 +237,6 @@ class StreamingVariantDataset(IterableDataset):
 
 
 @dataclass
-class ShardColumns:
-    """One shard as parallel arrays; the image arrays may be read-only views of the shard's bytes."""
-
-    ids: np.ndarray  # int64 (n,)
-    labels: np.ndarray  # int64 (n,)
-    failed: np.ndarray  # bool (n, V+1): variants whose generation failed (column 0, clean, never)
-    clean: np.ndarray  # uint8 (n, C, H, W)
-    variants: np.ndarray  # stored form (n, V, C, H, W)
-
-    @property
-    def stored_dtype(self) -> np.dtype:
-        return self.variants.dtype
-
-
-@dataclass
 class Pending:
     """A shard's samples for one slot, variants chosen, pixels still in the shard's bytes.
 
@@ -290,7 +266,7 @@ class Pending:
         clean = self.columns.clean[rows]
         stored = clean.copy() if self.precision == "uint8" else np.zeros(clean.shape, self.columns.stored_dtype)
         adversarial = np.flatnonzero(variant)
-        stored[adversarial] = self.columns.variants[rows[adversarial], variant[adversarial] - 1]
+        stored[adversarial] = self.columns.gather(rows[adversarial], variant[adversarial] - 1)
         return {"index": self.index[positions], "label": self.label[positions], "variant": variant, "clean": clean,
                 "stored": stored}
 
@@ -298,289 +274,6 @@ class Pending:
         """Write the samples at `positions` into rows `at` of `out`."""
         for key, values in self.take(positions).items():
             out[key][at] = values
-
-
-class ShardReader:
-    """Turns a WebDataset shard's bytes into ShardColumns.
-
-    A shard as `advpipe.stores.wds.write_shard` writes it has a fixed stride: each record is the
-    same members in the same order, .cls and .json fit one tar block, and the .npy members
-    have the manifest's shape and dtype. Such a shard is read as strided numpy views, with
-    every header checked in bulk (names and ids, member type, sizes, .npy headers) and no
-    Python work per record: ids come from the member names and labels from .cls, as the
-    format defines them, and the JSON is parsed only for records that list failed
-    variants. Any other shard is read record by record with `advpipe.stores.wds.iter_records`.
-    """
-
-    def __init__(self, manifest: Manifest) -> None:
-        self.shape = tuple(manifest.image_shape)
-        self.names = manifest.variant_names
-        self.dtype = np.dtype(codec.STORED_DTYPE[manifest.precision])
-        stacked = (len(self.names), *self.shape)
-        pixels = int(np.prod(self.shape))
-        members = [("cls", b"", 0), ("json", b"", 0), ("clean.npy", _npy_header(self.shape, np.uint8), pixels)]
-        if self.names:
-            members.append(("variants.npy", _npy_header(stacked, self.dtype), len(self.names) * pixels
-                            * self.dtype.itemsize))
-        self.members: dict[str, tuple[int, bytes, int]] = {}  # suffix: offset, npy header, size (0: any)
-        offset = 0
-        for suffix, npy_header, pixel_bytes in members:
-            size = len(npy_header) + pixel_bytes
-            self.members[suffix] = (offset, npy_header, size)
-            offset += BLOCK + _blocks(size or BLOCK) * BLOCK
-        self.stride = offset
-
-    def read(self, data: Any, shard: ShardRecord) -> ShardColumns:
-        columns = self._strided(data, shard)
-        if columns is None:
-            log.debug("shard %s is not laid out at a fixed stride; reading it record by record", shard.name)
-            columns = self._by_record(data, shard)
-        return columns
-
-    def _strided(self, data: Any, shard: ShardRecord) -> ShardColumns | None:
-        count, end = shard.count, shard.count * self.stride
-        if count < 1 or len(data) < end + 2 * BLOCK or np.frombuffer(data, np.uint8, offset=end).any():
-            return None
-        checked = self._check_headers(data, count)
-        labels = None if checked is None else _decimal(self._payload(data, count, "cls", (BLOCK,)), checked[1]["cls"])
-        if checked is None or labels is None:
-            return None
-        (ids, sizes), stacked = checked, (len(self.names), *self.shape)
-        failed = self._failed_from_json(shard, ids, labels, self._payload(data, count, "json", (BLOCK,)), sizes["json"])
-        variants = self._payload(data, count, "variants.npy", stacked, self.dtype) if self.names \
-            else np.zeros((count, *stacked), self.dtype)
-        return ShardColumns(ids, labels, failed, self._payload(data, count, "clean.npy", self.shape), variants)
-
-    def _check_headers(self, data: Any, count: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-        """(ids, member sizes) if every record has this layout's member names, types, sizes and .npy headers."""
-        ids, sizes = None, {}
-        for suffix, (offset, npy_header, size) in self.members.items():
-            header = self._rows(data, count, offset, (BLOCK,))
-            member_ids, member_size = _member_ids(header, suffix), _octal(header[:, 124:136])
-            if member_ids is None or member_size is None or (ids is not None and not np.array_equal(ids, member_ids)):
-                return None
-            expected = member_size == size if size else (member_size > 0) & (member_size <= BLOCK)
-            npy = self._rows(data, count, offset + BLOCK, (len(npy_header),))
-            if not (expected.all() and (npy == np.frombuffer(npy_header, np.uint8)).all()):
-                return None
-            ids, sizes[suffix] = member_ids, member_size
-        return ids, sizes
-
-    def _payload(self, data: Any, count: int, suffix: str, shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
-        """(count, *shape) view of each record's `suffix` member, after its .npy header if it has one."""
-        offset, npy_header, _ = self.members[suffix]
-        return self._rows(data, count, offset + BLOCK + len(npy_header), shape, dtype)
-
-    def _rows(self, data: Any, count: int, offset: int, shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
-        """(count, *shape) view of the bytes at `offset` within each record."""
-        dtype = np.dtype(dtype)
-        inner = np.empty(shape, dtype).strides
-        return np.ndarray((count, *shape), dtype, buffer=data, offset=offset, strides=(self.stride, *inner))
-
-    def _failed_from_json(self, shard: ShardRecord, ids: np.ndarray, labels: np.ndarray, payloads: np.ndarray,
-                          sizes: np.ndarray) -> np.ndarray:
-        tails = np.take_along_axis(payloads, np.maximum(sizes[:, None] - len(NO_FAILURES), 0)
-                                   + np.arange(len(NO_FAILURES)), axis=1)
-        listed = np.flatnonzero(~(tails == np.frombuffer(NO_FAILURES, np.uint8)).all(axis=1))
-        entries = []
-        for row in listed.tolist():
-            key = sample_key(int(ids[row]))
-            try:
-                meta = json.loads(bytes(payloads[row, :sizes[row]]))
-                consistent = meta["id"] == ids[row] and meta["label"] == labels[row]
-                entries.append((row, key, list(meta.get("failed", []))))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise IntegrityError(f"shard {shard.name}: record '{key}' is malformed ({exc!r}); "
-                                     "run `advpipe verify`") from None
-            if not consistent:
-                raise IntegrityError(f"shard {shard.name}: record '{key}' has id or label differing from its "
-                                     "member names or .cls; run `advpipe verify`")
-        return self._failed_matrix(shard, len(ids), entries)
-
-    def _by_record(self, data: Any, shard: ShardRecord) -> ShardColumns:
-        records = list(iter_records(memoryview(data), shard.name))
-        stacked = (len(self.names), *self.shape)
-        bad = [r.key for r in records if r.clean.shape != self.shape or r.clean.dtype != np.uint8 or (
-            self.names and (r.variants is None or r.variants.shape != stacked or r.variants.dtype != self.dtype))]
-        if bad:
-            raise IntegrityError(f"shard {shard.name}: record '{bad[0]}' does not have the manifest's image shape "
-                                 f"{self.shape}, variants or precision; run `advpipe verify`")
-        count = len(records)
-        return ShardColumns(
-            ids=np.fromiter((r.id for r in records), dtype=np.int64, count=count),
-            labels=np.fromiter((r.label for r in records), dtype=np.int64, count=count),
-            failed=self._failed_matrix(shard, count, [(row, r.key, r.failed) for row, r in enumerate(records)]),
-            clean=np.stack([r.clean for r in records]) if records else np.zeros((0, *self.shape), np.uint8),
-            variants=np.stack([r.variants for r in records]) if records and self.names
-            else np.zeros((count, *stacked), self.dtype),
-        )
-
-    def _failed_matrix(self, shard: ShardRecord, count: int, entries: list[tuple[int, str, list[str]]]) -> np.ndarray:
-        failed = np.zeros((count, len(self.names) + 1), dtype=bool)
-        for row, key, names in entries:
-            for name in names:
-                if name not in self.names:
-                    raise IntegrityError(f"shard {shard.name}: record '{key}' lists unknown failed variant "
-                                         f"'{name}'; run `advpipe verify`")
-                failed[row, self.names.index(name) + 1] = True
-        return failed
-
-
-def _npy_header(shape: tuple[int, ...], dtype: Any) -> bytes:
-    """The .npy (version 1.0) header that advpipe.stores.wds writes for a C-ordered array of this shape and dtype."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                  "fortran_order": False, "shape": tuple(shape)})
-    return buffer.getvalue()
-
-
-def _blocks(size: int) -> int:
-    return (size + BLOCK - 1) // BLOCK
-
-
-def _member_ids(headers: np.ndarray, suffix: str) -> np.ndarray | None:
-    """Ids from names '<9-digit id>.<suffix>' (NUL-padded, no prefix, regular files), or None."""
-    tail = np.zeros(100 - KEY_DIGITS, np.uint8)
-    tail[:len(suffix) + 1] = np.frombuffer(f".{suffix}".encode(), np.uint8)
-    digits = headers[:, :KEY_DIGITS].astype(np.int64) - ord("0")
-    if not (((digits >= 0) & (digits <= 9)).all() and (headers[:, KEY_DIGITS:100] == tail).all()
-            and np.isin(headers[:, 156], REGULAR_TYPES).all() and not headers[:, 345:500].any()):
-        return None
-    return digits @ 10 ** np.arange(KEY_DIGITS - 1, -1, -1)
-
-
-def _octal(fields: np.ndarray) -> np.ndarray | None:
-    """Tar size fields of 11 octal digits and a NUL or space, or None if any is written otherwise."""
-    digits = fields[:, :11].astype(np.int64) - ord("0")
-    if not (((digits >= 0) & (digits <= 7)).all() and np.isin(fields[:, 11], (0, ord(" "))).all()):
-        return None
-    return digits @ 8 ** np.arange(10, -1, -1)
-
-
-def _decimal(payloads: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
-    """Non-negative ASCII decimals of the given lengths (the .cls members), or None."""
-    width = int(sizes.max())
-    if width > 18:
-        return None
-    digits = payloads[:, :width].astype(np.int64) - ord("0")
-    inside = np.arange(width) < sizes[:, None]
-    if not (((digits >= 0) & (digits <= 9)) | ~inside).all():
-        return None
-    powers = 10 ** np.maximum(sizes[:, None] - 1 - np.arange(width), 0)
-    return (np.where(inside, digits, 0) * powers).sum(axis=1)
-
-
-class ShardSource:
-    """Where a store's files are, and how to fetch a shard's bytes verified against the manifest.
-
-    Holds only the location and options, so it pickles into DataLoader workers; each
-    process makes its own fsspec filesystem (and HTTP session) on first use.
-    """
-
-    def __init__(self, location: str, storage_options: dict[str, Any], verify: Verify) -> None:
-        if verify not in ("checksum", "size"):
-            raise ValueError(f"verify must be 'checksum' or 'size', got {verify!r}")
-        self.location = location
-        self.storage_options = storage_options
-        self.verify = verify
-        self._verified: dict[str, tuple[int, ...]] = {}  # local shard path -> stat signature it was hashed at
-        self._maps: dict[str, tuple[tuple[int, ...], Any]] = {}  # local shard path -> (signature, memory map)
-        self._fs: tuple[int, fsspec.AbstractFileSystem, str] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None, "_maps": {}}
-
-    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        if self._fs is None or self._fs[0] != os.getpid():
-            fs, root = fsspec.core.url_to_fs(self.location, **self.storage_options)
-            self._fs = (os.getpid(), fs, root.rstrip("/"))
-        return self._fs[1], self._fs[2]
-
-    def manifest(self) -> Manifest:
-        fs, root = self.filesystem()
-        try:
-            text = fs.cat_file(f"{root}/{MANIFEST_NAME}")
-        except FileNotFoundError:
-            raise StoreError(f"{self.location}: not a finished store (no {MANIFEST_NAME}); it may still be being "
-                             "generated, or the location is wrong") from None
-        except OSError as exc:
-            raise StoreError(f"{self.location}: cannot read {MANIFEST_NAME} ({exc})") from None
-        return parse_manifest(text, f"{self.location}/{MANIFEST_NAME}")
-
-    def verify_local(self, shards: list[ShardRecord]) -> None:
-        """Hash every shard of a local store now, so corruption is an error at construction.
-
-        Later fetches, in this process or in DataLoader workers started from it, trust a
-        file whose size, mtime and inode are unchanged since. Threads share the hashing
-        (hashlib releases the GIL). Remote shards are hashed at every fetch instead.
-        """
-        if self.verify != "checksum" or not isinstance(self.filesystem()[0], LocalFileSystem):
-            return
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for _ in pool.map(self.fetch, shards):
-                pass
-
-    def fetch_all(self, shards: list[ShardRecord], ahead: int) -> Iterator[Any]:
-        """Each shard's verified bytes in order, fetching up to `ahead` shards in the background."""
-        if not ahead:
-            yield from map(self.fetch, shards)
-            return
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="advpipe-shard-fetch")
-        pending: deque[Future] = deque()
-        try:
-            for shard in shards:
-                pending.append(pool.submit(self.fetch, shard))
-                if len(pending) > ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def fetch(self, shard: ShardRecord) -> Any:
-        """The shard's whole bytes (a read-only mmap for local files); IntegrityError if they do not match."""
-        fs, root = self.filesystem()
-        path = f"{root}/{shard.name}"
-        if isinstance(fs, LocalFileSystem):
-            data, signature = self._local(shard, path)
-        else:
-            data, signature = self._remote(fs, shard, path), None
-        if len(data) != shard.bytes:
-            raise IntegrityError(f"shard {shard.name}: {len(data)} bytes, manifest says {shard.bytes} "
-                                 "(truncated or replaced)")
-        if self.verify == "checksum" and (signature is None or self._verified.get(path) != signature):
-            if hashlib.sha256(data).hexdigest() != shard.sha256:
-                raise IntegrityError(f"shard {shard.name}: sha256 does not match the manifest (the file is corrupt)")
-            if signature is not None:
-                self._verified[path] = signature
-        return data
-
-    def _local(self, shard: ShardRecord, path: str) -> tuple[Any, tuple[int, ...]]:
-        """A read-only memory map of the file, kept for the next epoch while the file is unchanged.
-
-        Like the HDF5 reader's maps, it costs address space, not memory: the pages are the
-        page cache's. Keeping it saves re-mapping every page of the store each epoch.
-        """
-        try:
-            stat = os.stat(path)
-            signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
-            if self._maps.get(path, (None,))[0] != signature:
-                with open(path, "rb") as handle:
-                    data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if stat.st_size else b""
-                self._maps[path] = (signature, data)
-        except FileNotFoundError:
-            raise IntegrityError(f"shard {shard.name}: missing from {self.location}") from None
-        except OSError as exc:
-            raise IntegrityError(f"shard {shard.name}: cannot be read ({exc})") from None
-        return self._maps[path][1], signature
-
-    def _remote(self, fs: fsspec.AbstractFileSystem, shard: ShardRecord, path: str) -> bytes:
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            raise IntegrityError(f"shard {shard.name}: missing from {self.location}") from None
-        except OSError as exc:
-            raise StoreError(f"shard {shard.name}: cannot be read from {self.location} ({exc})") from None
 
 
 def shuffle_chunks(chunks: Iterable[Pending], size: int, rng: np.random.Generator) -> Iterator[Samples]:

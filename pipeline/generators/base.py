@@ -4,15 +4,14 @@ A generator is built once per worker process (so an ART classifier wrapper or a
 feature extractor is created once, not per batch), then called on float
 batches in [0, 1]. Randomness comes only from the per-image seeds it is given,
 so an image's variant depends on (config, image, seed), never on worker count or
-retries. One exception depends on the batch too: `style` draws its style image
-from the current batch. Batches are fixed slices of a shard (generation.batch_size
-is part of the store fingerprint), so its output is still reproducible.
+retries. A generator that needs other images than its batch (`style` draws its style
+image from the whole split) is handed the split first (`use_split`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,6 +37,9 @@ class Generator(ABC):
     params_model: ClassVar[type[GeneratorParams]] = GeneratorParams
     backends: ClassVar[tuple[str, ...]] = ("art",)
     needs_model: ClassVar[bool] = True
+    #: recorded in the manifest: 'attack' variants make up the sampler's default training mix; 'shift'
+    #: variants (scenario shifts for the calibrater) are drawn only when the sampler's weights name them
+    kind: ClassVar[Literal["attack", "shift"]] = "attack"
 
     def __init__(self, params: GeneratorParams, model: nn.Module, *, backend: str = "art",
                  device: torch.device | str = "cpu", batch_size: int = 128) -> None:
@@ -69,6 +71,25 @@ class Generator(ABC):
         a failure: it returns its best attempt (C&W: the clean image, as ART does), and
         the success rate recorded in the manifest shows it.
         """
+
+    def use_split(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """The whole split the next batches come from, before they are generated.
+
+        `images` are uint8 (N, H, W, C) and `labels` int, as `advpipe.datasets.SourceSplit`
+        holds them. Most generators need only their batch and ignore this; `style` draws
+        its style images from it.
+        """
+
+    @classmethod
+    def fallbacks(cls, split_labels: np.ndarray, labels: np.ndarray) -> int:
+        """How many of the images with `labels` get the generator's documented fallback, given
+        the labels of their whole split (style: no image of another class exists).
+
+        The manifest records the count per variant and split (stats `fallbacks`). It is a
+        function of the labels alone, so it can also be counted for variants that are reused
+        rather than generated again; 0 for generators without a fallback.
+        """
+        return 0
 
     def describe(self) -> dict[str, Any]:
         """Parameters as stored in the manifest."""

@@ -7,6 +7,15 @@ Objective per image (ART's definition, untargeted, labels = the true classes):
 over `x' = (tanh(w) + 1) / 2`, which keeps x' in [0, 1]. The smallest successful x'
 seen is returned; an image never fooled comes back unchanged (as in ART).
 
+The constant c is searched per image (`binary_search_steps`, default 5): every search
+step restarts from the clean image with a new c, lowered where the last step succeeded
+and raised where it failed. A fixed c returns the minimiser for that c only, which is
+not the minimal perturbation the attack is used for. The two backends search alike but
+not identically: native bisects between the largest failing and the smallest succeeding
+c and multiplies c by 10 while an image has never succeeded (Carlini and Wagner's rule);
+ART moves c halfway down to its lower bound after a success, doubles it while an image
+has never succeeded, and otherwise raises it by half its distance from that bound.
+
 Backends:
 - `art`: ART `CarliniL2Method` (gradient descent with a per-image line search, starting
   from `learning_rate`), or `CarliniLInfMethod` with `norm: linf` (one image at a time;
@@ -51,9 +60,16 @@ class CWParams(GeneratorParams):
     #: Optimisation steps per binary-search step. ART's own default is 10; 50 leaves Adam
     #: room to shrink the perturbation after the first success.
     max_iter: Iterations = 50
-    #: Searches for c per image (L2 only). 1 keeps the cost at max_iter steps and, with
-    #: c = 1, fools nearly every image; ART's default is 10.
-    binary_search_steps: int = Field(default=1, ge=1, le=50)
+    #: Searches for c per image (L2 only): each step restarts the optimisation with c lowered
+    #: where it succeeded and raised where it failed (module docstring), so the result is the
+    #: minimal perturbation C&W defines rather than the one a fixed c = initial_const gives.
+    #: Measured with 1 step instead of 5: on the 16x16 digits CNN of tests/test_generators.py
+    #: (10 iterations per step) the successful perturbations are about 30% larger in L2 on both
+    #: backends; on bench/generate_attacks.py's 28x28 CNN (50 iterations) a fixed c fools 78%
+    #: (ART) and 90% (native) of the images where the search fools 99.6% and 100%, and ART's
+    #: perturbations are 11% larger on the images both fool (native's 1%). The cost is
+    #: binary_search_steps * max_iter gradient steps per image. ART's default is 10 steps.
+    binary_search_steps: int = Field(default=5, ge=1, le=50)
     #: L-inf only (ART `CarliniLInfMethod`): c grows by x2 from initial_const up to this.
     largest_const: float = Field(default=20.0, gt=0.0)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ class GaussianGenerator(Generator):
     params_model: ClassVar[type[GeneratorParams]] = GaussianParams
     backends: ClassVar[tuple[str, ...]] = ("native",)  # plain PyTorch
     needs_model: ClassVar[bool] = False
+    #: not an attack on the model, but one of the paper's training perturbations (Table 1), so it stays in
+    #: the sampler's default mix, as it always has
+    kind: ClassVar[Literal["attack", "shift"]] = "attack"
     params: GaussianParams
 
     def generate(self, x: torch.Tensor, y: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:

@@ -86,6 +86,7 @@ class ShiftGenerator(Generator):
 
     backends: ClassVar[tuple[str, ...]] = ("native",)  # plain PyTorch
     needs_model: ClassVar[bool] = False
+    kind: ClassVar[Literal["attack", "shift"]] = "shift"  # a scenario shift: out of the sampler's default mix
     name: ClassVar[str] = "shift"
     params: ShiftParams
 

@@ -14,12 +14,13 @@ not depend on the scale of the extractor's features:
 where `G_l` is the Gram matrix of level `l` divided by its number of elements, and the
 style term therefore starts at `style_weight` per style level.
 
-Style pool: the *current batch*. Image i's style image is drawn, with i's own seed, from
-the images of the batch whose label differs from i's; if the batch has no other class
-it is drawn from the other images of the batch, and an image alone in its batch uses
-its own horizontal mirror. The choice therefore depends on the batch's content, which
-is reproducible because a shard is a fixed range of images processed in a fixed batch
-order; everything else is per image.
+Style pool: the *whole split* (the pipeline hands it over with `use_split`). Image i's
+style image is drawn, uniformly and with i's own seed, from the images of the split whose
+class differs from i's, so the choice depends on the image, its seed and the split, not
+on the batch or on the order of the source (a class-sorted ImageFolder source would
+otherwise give same-class style images from its batch). Fallback, only when the split
+holds no image of another class: the image's own horizontal mirror; such images are
+counted (`fallbacks`, in the manifest's per-variant stats) and logged.
 
 Feature extractor: the source model's `features()` (default), or torchvision's VGG19
 with a local weights file (`extractor: vgg19`, `vgg19_weights: path`); nothing is ever
@@ -28,7 +29,8 @@ downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -37,11 +39,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from advpipe.errors import ConfigError
+from advpipe.errors import ConfigError, GenerationError
 from advpipe.pipeline.generators.base import Generator, GeneratorParams, image_generator
 from advpipe.pipeline.generators.common import Iterations, finalize, gradients_on, seed_list
 
 Extractor = Callable[[torch.Tensor], list[torch.Tensor]]
+
+log = logging.getLogger(__name__)
 
 #: Indices of relu1_1 ... relu5_1 in torchvision's `vgg19().features`.
 VGG19_TAPS = (1, 6, 11, 20, 29)
@@ -124,14 +128,42 @@ def mean_square(a: torch.Tensor) -> torch.Tensor:
     return a.pow(2).flatten(1).mean(dim=1)
 
 
-def choose_styles(labels: list[int], seeds: list[int]) -> list[int]:
-    """Index of each image's style image in the batch (itself when alone; see the module doc)."""
-    choices = []
-    for i, seed in enumerate(seeds):
-        others = [j for j, label in enumerate(labels) if label != labels[i]]
-        others = others or [j for j in range(len(labels)) if j != i]
-        choices.append(others[int(image_generator(seed).integers(len(others)))] if others else i)
-    return choices
+class StylePool:
+    """The labels of a whole split, grouped by class, to draw style images of other classes from.
+
+    The split's indices are sorted by class once; the images of every class but c are
+    then the sorted positions outside c's block, so a draw costs O(log classes).
+    """
+
+    def __init__(self, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        self.order = np.argsort(labels, kind="stable")
+        self.classes, self.starts, self.counts = np.unique(labels[self.order], return_index=True,
+                                                           return_counts=True)
+        self.size = len(labels)
+
+    def _block(self, label: int) -> tuple[int, int]:
+        """Start and length of `label`'s block in the sorted order (length 0 if absent)."""
+        pos = int(np.searchsorted(self.classes, label))
+        if pos < len(self.classes) and self.classes[pos] == label:
+            return int(self.starts[pos]), int(self.counts[pos])
+        return self.size, 0
+
+    def others(self, label: int) -> int:
+        """How many images of the split have another class than `label`."""
+        return self.size - self._block(label)[1]
+
+    def choose(self, labels: Sequence[int], seeds: Sequence[int]) -> np.ndarray:
+        """Split index of each image's style image, drawn uniformly with the image's own seed from
+        the images of other classes; -1 where the split has none (the fallback)."""
+        chosen = np.full(len(labels), -1, dtype=np.int64)
+        for i, (label, seed) in enumerate(zip(labels, seeds, strict=True)):
+            start, count = self._block(int(label))
+            if self.size == count:
+                continue
+            k = int(image_generator(seed).integers(self.size - count))
+            chosen[i] = self.order[k if k < start else k + count]
+        return chosen
 
 
 class StyleTransferGenerator(Generator):
@@ -161,6 +193,45 @@ class StyleTransferGenerator(Generator):
         # Record the levels actually used, not None, in the manifest.
         self.params = self.params.model_copy(update={"content_layers": tuple(self.content_layers),
                                                      "style_layers": tuple(self.style_layers)})
+        self.split_images: np.ndarray | None = None
+        self.split_labels: np.ndarray | None = None
+        self.pool: StylePool | None = None
+
+    def use_split(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Draw style images from this split from now on (module docstring)."""
+        if images.ndim != 4 or len(images) != len(labels):
+            raise GenerationError(f"style: the split must be (N, H, W, C) images with one label each, got "
+                                  f"{images.shape} and {len(labels)} labels")
+        if self.pool is None or self.split_images is not images or self.split_labels is not labels:
+            # the worker passes the same cached split for every shard: the pool is built once per split
+            self.split_images, self.split_labels, self.pool = images, labels, StylePool(labels)
+
+    @classmethod
+    def fallbacks(cls, split_labels: np.ndarray, labels: np.ndarray) -> int:
+        pool = StylePool(split_labels)
+        return sum(pool.others(int(label)) == 0 for label in labels)
+
+    def style_indices(self, y: torch.Tensor, seeds: np.ndarray) -> np.ndarray:
+        """Split index of each image's style image; -1 for the mirror fallback."""
+        if self.pool is None:
+            raise GenerationError("style: no split to draw style images from; call use_split(images, labels) "
+                                  "before generate (the pipeline does)")
+        return self.pool.choose([int(label) for label in y.tolist()], seed_list(y, seeds))
+
+    def _style_images(self, x: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
+        """The chosen split images as floats like `x` (x / 255, as the pipeline converts), mirrors for -1."""
+        assert self.split_images is not None
+        images = self.split_images[np.maximum(chosen, 0)].transpose(0, 3, 1, 2)
+        if images.shape[1:] != tuple(x.shape[1:]):
+            raise GenerationError(f"style: the split's images are {images.shape[1:]} (C, H, W) but the batch's "
+                                  f"are {tuple(x.shape[1:])}")
+        style = torch.from_numpy(images.astype(np.float32) / np.float32(255)).to(x.device)
+        fallback = torch.from_numpy(chosen < 0).to(x.device)
+        if bool(fallback.any()):
+            log.warning("style: %d of %d images have no image of another class in the split; using their "
+                        "own mirror as the style image", int(fallback.sum()), len(x))
+            style[fallback] = x[fallback].flip(-1)
+        return style
 
     def _levels(self) -> tuple[list[int], list[int]]:
         """Resolve the layer indices against the extractor's actual levels."""
@@ -184,13 +255,9 @@ class StyleTransferGenerator(Generator):
         return shape
 
     def generate(self, x: torch.Tensor, y: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
-        sources = choose_styles([int(label) for label in y.tolist()], seed_list(x, seeds))
+        style_images = self._style_images(x, self.style_indices(y, seeds))
         with gradients_on(self.network):
-            x = x.clone()
-            style_images = x[sources].clone()
-            alone = torch.tensor(sources, device=x.device) == torch.arange(len(x), device=x.device)
-            style_images[alone] = style_images[alone].flip(-1)
-            out = self._transfer(x, style_images)
+            out = self._transfer(x.clone(), style_images)
         return finalize(out, x, "style")
 
     def _transfer(self, x: torch.Tensor, style_images: torch.Tensor) -> torch.Tensor:
