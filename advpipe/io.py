@@ -79,3 +79,18 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_writable(directory: str | os.PathLike, error: type[Exception], what: str, advice: str) -> None:
+    """Fail before any work, not after it, when `directory` cannot take a new file.
+
+    Creates the directory if needed and writes and removes a probe file; the error names the
+    directory, what was to be written there and what to do.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".tmp-write-probe-", dir=directory):
+            pass
+    except OSError as exc:
+        raise error(f"{directory}: cannot write {what} here ({exc.strerror or exc}); {advice}") from None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from advpipe.plotting import image_grid
 from advpipe.stores.manifest import Manifest
 from advpipe.stores.store import Store
 
@@ -85,38 +86,20 @@ def _duration(seconds: float | None) -> str:
 
 def grid(store: Store, out: Path, split: str = "train", count: int = 8, amplify: float | None = None) -> Path:
     """Draw `count` images (rows) by every variant, each followed by its amplified perturbation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     reader = store.split(split)
     indices = np.linspace(0, len(reader) - 1, num=min(count, len(reader))).astype(np.int64)
     clean = reader.read(indices, 0)
     names = store.variants
-    columns = 1 + 2 * (len(names) - 1)
-    figure, axes = plt.subplots(len(indices), columns, figsize=(1.3 * columns, 1.3 * len(indices)), squeeze=False)
     labels = reader.labels[indices]
+    rows = []
     for row in range(len(indices)):
-        _show(axes[row][0], clean[row], names[0] if row == 0 else None)
-        axes[row][0].set_ylabel(f"#{indices[row]} {store.manifest.class_names[labels[row]]}", fontsize=7)
+        cells: list = [(clean[row], names[0] if row == 0 else None)]
         for v, name in enumerate(names[1:], start=1):
             image = reader.read(indices[row : row + 1], v)[0]
             delta = image - clean[row]
             gain = amplify or 0.5 / max(float(np.abs(delta).max()), 1e-6)
-            _show(axes[row][2 * v - 1], image, name if row == 0 else None)
-            _show(axes[row][2 * v], np.clip(0.5 + gain * delta, 0, 1), f"x{gain:.0f} diff" if row == 0 else None)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
-
-
-def _show(axis, image: np.ndarray, title: str | None) -> None:
-    picture = image.transpose(1, 2, 0)
-    axis.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=1)
-    axis.set_xticks([])
-    axis.set_yticks([])
-    if title:
-        axis.set_title(title, fontsize=7)
+            cells.append((image, name if row == 0 else None))
+            cells.append((np.clip(0.5 + gain * delta, 0, 1), f"x{gain:.0f} diff" if row == 0 else None))
+        rows.append(cells)
+    row_labels = [f"#{index} {store.manifest.class_names[label]}" for index, label in zip(indices, labels, strict=True)]
+    return image_grid(rows, out, row_labels=row_labels)

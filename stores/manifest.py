@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advpipe.errors import StoreError
+from advpipe.errors import StoreError, describe_validation_error
 from advpipe.stores.shard import DEFAULT_ARRAY, Layout
 
 FORMAT = "advpipe-store"
@@ -244,7 +244,5 @@ def parse_manifest(text: str | bytes, origin: str) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-        )
+        problems = "; ".join(describe_validation_error(exc))
         raise StoreError(f"{origin}: manifest fails validation: {problems}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from advpipe.errors import AdvpipeError, StoreError
 from advpipe.faults import fault_point
-from advpipe.io import atomic_path, atomic_write_json, sha256_file
+from advpipe.io import atomic_path, atomic_write_json, check_writable, sha256_file
 from advpipe.provenance import library_versions
 from advpipe.stores.backends import backend
 from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest
@@ -45,14 +45,7 @@ class StoreWriter:
     # the directory ------------------------------------------------------------------------------
 
     def check_writable(self) -> None:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".tmp-write-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise StoreError(f"{self.path}: cannot write the store here ({exc.strerror or exc}); "
-                             "choose a writable store.path") from None
+        check_writable(self.path, StoreError, "the store", "choose a writable store.path")
 
     def existing(self, force: bool) -> Manifest | None:
         """The finished store here, if any; with `force` an unreadable one (old format, damaged) is discarded."""

@@ -8,7 +8,6 @@ and the settings, and training is reproducible from config.seed.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from advpipe.config import Config
 from advpipe.datasets import SourceSplit, load_source
 from advpipe.devices import resolve_device
 from advpipe.errors import ModelError
+from advpipe.io import check_writable
 from advpipe.models import build_model, save_checkpoint
 from advpipe.sampler.mapstyle import StoreLoader
 from advpipe.sampler.source import source_loader
@@ -88,15 +88,10 @@ def train_source(config: Config, device: torch.device | str | None = None,
 
 def _check_writable(path: Path) -> None:
     """Fail before training, not after it, when the checkpoint cannot be written."""
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "is a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f".tmp-{path.name}.", dir=path.parent):
-            pass
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot write the checkpoint here ({exc.strerror or exc}); "
-                         "choose a writable model.checkpoint") from None
+    if path.is_dir():
+        raise ModelError(f"{path}: cannot write the checkpoint here (is a directory); choose a writable "
+                         "model.checkpoint")
+    check_writable(path.parent, ModelError, "the checkpoint", "choose a writable model.checkpoint")
 
 
 def source_model_is_current(config: Config) -> bool:

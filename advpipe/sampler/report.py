@@ -12,6 +12,7 @@ import numpy as np
 
 from advpipe.config import Range, SamplerConfig
 from advpipe.errors import SamplerError
+from advpipe.plotting import image_grid
 from advpipe.sampler.mapstyle import VariantBatchSampler, build_sampler, make_loader, resolve_store
 from advpipe.stores.store import Store, Verify
 
@@ -71,26 +72,11 @@ def sample_grid(store: Store | str | Path, split: str, sampler_config: SamplerCo
                 batch_size: int | None = None, limit: int = 64, columns: int = 8,
                 verify: Verify = "checksum") -> Path:
     """Draw the first batch of epoch 0 (at most `limit` images), each titled with its variant and class."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
-    from matplotlib.figure import Figure
-
     store = resolve_store(store, verify)
     loader = make_loader(store, split, sampler_config, batch_size=batch_size, rank=0, world_size=1)
     batch = next(iter(loader))
-    images = batch["x"][:limit].numpy().transpose(0, 2, 3, 1)
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    figure = Figure(figsize=(1.6 * columns, 1.8 * rows))
-    FigureCanvasAgg(figure)
     classes = store.manifest.class_names
-    for slot, image in enumerate(images):
-        axes = figure.add_subplot(rows, columns, slot + 1)
-        axes.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-        label = int(batch["y"][slot])
-        axes.set_title(f"{store.variants[int(batch['variant'][slot])]}\n{classes[label]}", fontsize=7)
-        axes.axis("off")
-    figure.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=100)
-    return out_png
+    cells = [(image, f"{store.variants[int(variant)]}\n{classes[int(label)]}")
+             for image, variant, label in zip(batch.x[:limit].numpy(), batch.variant, batch.y, strict=False)]
+    rows = [cells[start:start + columns] for start in range(0, len(cells), columns)]
+    return image_grid(rows, out_png, cell_size=(1.6, 1.8))
