@@ -81,11 +81,12 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def check_writable(directory: str | os.PathLike, error: type[Exception], what: str, advice: str) -> None:
+def check_writable(directory: str | os.PathLike, error: type[Exception], what: str, advice: str,
+                   subject: str | os.PathLike | None = None) -> None:
     """Fail before any work, not after it, when `directory` cannot take a new file.
 
-    Creates the directory if needed and writes and removes a probe file; the error names the
-    directory, what was to be written there and what to do.
+    Creates the directory if needed and writes and removes a probe file; the error names
+    `subject` (default: the directory), what was to be written there and what to do.
     """
     directory = Path(directory)
     try:
@@ -93,4 +94,4 @@ def check_writable(directory: str | os.PathLike, error: type[Exception], what: s
         with tempfile.NamedTemporaryFile(prefix=".tmp-write-probe-", dir=directory):
             pass
     except OSError as exc:
-        raise error(f"{directory}: cannot write {what} here ({exc.strerror or exc}); {advice}") from None
+        raise error(f"{subject or directory}: cannot write {what} here ({exc.strerror or exc}); {advice}") from None

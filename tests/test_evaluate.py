@@ -31,7 +31,7 @@ from advpipe.trainers import corruptions
 from advpipe.trainers.calibrater import Calibrater
 from advpipe.trainers.detector import DetectorHead
 from advpipe.trainers.evaluate import Subject, evaluate, measure
-from advpipe.trainers.report import REPORT_KEYS, write_report
+from advpipe.trainers.report import name_records, write_report
 
 CONSTANT_CLASS = 3
 #: distances of the brightness store's images from the 0.5 boundary, in grey levels: (k + 0.5) / 255
@@ -72,6 +72,18 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def test_labels(store) -> np.ndarray:
     return open_store(store).split("test").labels
+
+
+@pytest.fixture(scope="module")
+def constant_run(store, tmp_path_factory) -> Path:
+    """`advpipe evaluate` of the input-ignoring LeNet with every measure (cheap settings); its output directory."""
+    root = tmp_path_factory.mktemp("constant")
+    checkpoint = save(constant_lenet(), root / "constant.pt")
+    config = write_config(root / "eval.yaml", CHEAP)
+    out = root / "out"
+    assert main(["evaluate", str(checkpoint), "--store", str(store), "--out", str(out), "--config", str(config),
+                 "--device", "cpu"]) == 0
+    return out
 
 
 def write_config(path: Path, evaluation: dict) -> Path:
@@ -167,6 +179,48 @@ def test_noise_accuracy_flip_rate_and_uniform_noise(brightness_store):
     assert results["uniform_noise"]["0.6"] == pytest.approx(1 - np.mean(d[len(LEVELS):] < 0.3) / 2)
 
 
+def test_a_model_wrong_on_every_image_has_no_flip_rate(brightness_store):
+    class Swapped(MeanBrightness):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[:, [1, 0, *range(2, 10)]]
+
+    subject = brightness_subject()
+    subject.model = Swapped()
+    config = EvaluationConfig(measures=("gaussian_noise",), gaussian_sigmas=(0.01,), noise_copies=2)
+    results, _, _ = measure(subject, open_store(brightness_store), config, torch.device("cpu"), progress=False)
+    assert results["clean_accuracy"] == 0.0
+    assert results["gaussian_noise"] == {"0.01": 0.0} and results["noise_flip_rate"] == {"0.01": None}
+
+
+class FirstPixel(nn.Module):
+    """Like MeanBrightness but reads one pixel, so that every random draw can change its answer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        margin = 10.0 * (x[:, 0, 0, :1] - 0.5)
+        return torch.cat([margin, -margin, torch.full((len(x), 8), -100.0) + 0.0 * margin], dim=1)
+
+
+def test_random_measures_repeat_exactly_and_follow_the_seed(brightness_store):
+    """Noise, random corruptions and Square's draws are the same for the same seed, and other for another."""
+    subject = brightness_subject()
+    subject.model = FirstPixel()
+    settings = {"measures": ["gaussian_noise", "uniform_noise", "corruptions", "autoattack"],
+                "gaussian_sigmas": [0.3], "uniform_a": [0.4], "noise_copies": 3, "severities": [5],
+                "corruptions": ["gaussian_noise", "shot_noise", "impulse_noise"],
+                "autoattack": {"eps": 0.1, "components": ["square"], "square_queries": 30}}
+
+    def run(seed: int) -> dict:
+        config = EvaluationConfig.model_validate({**settings, "seed": seed})
+        return measure(subject, open_store(brightness_store), config, torch.device("cpu"), progress=False)[0]
+
+    first, second, other = run(0), run(0), run(1)
+    assert first == second
+    for key in ("gaussian_noise", "noise_flip_rate", "uniform_noise", "autoattack"):
+        assert first[key] != other[key]
+    for name in settings["corruptions"]:
+        assert first["corruptions"][name] != other["corruptions"][name]
+
+
 def test_corruptions_and_stored_variants_on_uniform_images(brightness_store):
     d1 = distances()[len(LEVELS):]
     results, details = measure_brightness(
@@ -174,7 +228,7 @@ def test_corruptions_and_stored_variants_on_uniform_images(brightness_store):
         corruptions=["brightness", "contrast", "pixelate", "defocus_blur", "gaussian_blur"])
     assert results["clean_accuracy"] == 1.0
     assert results["variant_accuracy"] == {"brighter": pytest.approx(1 - np.mean(d1 < 0.2) / 2)}
-    shifts = corruptions.SEVERITIES["brightness"]
+    shifts = (0.05, 0.1, 0.15, 0.2, 0.3)  # CIFAR-10-C's brightness severities
     assert results["corruptions"]["brightness"] == {str(s): pytest.approx(1 - np.mean(d1 < shifts[s - 1]) / 2)
                                                    for s in range(1, 6)}
     for unchanged in ("contrast", "pixelate", "defocus_blur", "gaussian_blur"):  # a flat image stays flat
@@ -185,13 +239,9 @@ def test_corruptions_and_stored_variants_on_uniform_images(brightness_store):
 # ------------------------------------------------------------------ known answers: a model that ignores input
 
 
-def test_a_model_that_ignores_its_input_scores_the_class_frequency_everywhere(store, test_labels, tmp_path):
+def test_a_model_that_ignores_its_input_scores_the_class_frequency_everywhere(constant_run, test_labels):
     frequency = float(np.mean(test_labels == CONSTANT_CLASS))
-    checkpoint = save(constant_lenet(), tmp_path / "constant.pt")
-    config = write_config(tmp_path / "eval.yaml", CHEAP)
-    out = tmp_path / "out"
-    assert main(["evaluate", str(checkpoint), "--store", str(store), "--out", str(out), "--config", str(config),
-                 "--device", "cpu"]) == 0
+    out = constant_run
     record = json.loads((out / "evaluation.json").read_text())
     r = record["results"]
     assert r["clean_accuracy"] == pytest.approx(frequency)
@@ -263,7 +313,8 @@ def test_calibrater_run_compares_the_frozen_model_alone_and_with_its_calibrater(
                                                for name in ("clean", "noise")}
     assert record["results"]["clean_accuracy"] == blacked  # a calibrater run is evaluated as f behind G
     assert record["model"]["fingerprints"]["calibrater"]
-    assert (run / "evaluation" / "evaluation.json").is_file()
+    report = json.loads((write_report([run], tmp_path / "report") / "report.json").read_text())
+    assert report["models"]["calibrater"]["calibrated"] == record["results"]["calibrated"]
 
 
 def test_detector_run_reports_the_heads_clean_and_adversarial_accuracy(store, tmp_path):
@@ -281,32 +332,36 @@ def test_detector_run_reports_the_heads_clean_and_adversarial_accuracy(store, tm
                       progress=False).record
     assert record["results"]["detector"] == {"clean_accuracy": 0.0, "adversarial_accuracy": 1.0,
                                              "variants": {"clean": 0.0, "noise": 1.0, "tiny": 1.0}}
+    report = json.loads((write_report([run], tmp_path / "report") / "report.json").read_text())
+    entry = report["models"]["detector"]
+    assert set(entry) == {"method", "clean_accuracy", "detector"} and entry["detector"] == record["results"]["detector"]
 
 
 # ------------------------------------------------------------------------------------------------- reports
 
 
-def test_report_puts_runs_side_by_side_in_the_documented_shape(store, tmp_path):
-    config = write_config(tmp_path / "eval.yaml", {**CHEAP, "corruptions": ["contrast"], "severities": [1]})
-    runs = []
-    for name, model in (("constant", constant_lenet()), ("random", build_model("lenet", 10, (3, 8, 8)))):
-        run = tmp_path / "runs" / name
-        save(model, run.with_suffix(".pt"))
-        assert main(["evaluate", str(run.with_suffix(".pt")), "--store", str(store), "--out", str(run),
-                     "--config", str(config), "--device", "cpu"]) == 0
-        runs.append(str(run))
+def test_report_puts_runs_side_by_side_in_the_documented_shape(store, constant_run, tmp_path):
+    other = tmp_path / "random"
+    save(build_model("lenet", 10, (3, 8, 8)), tmp_path / "random.pt")
+    config = write_config(tmp_path / "eval.yaml", {"measures": ["variants", "fgsm"], "fgsm_eps": [0.05]})
+    assert main(["evaluate", str(tmp_path / "random.pt"), "--store", str(store), "--out", str(other),
+                 "--config", str(config), "--device", "cpu"]) == 0
     out = tmp_path / "report"
-    assert main(["report", *runs, "--out", str(out)]) == 0
+    assert main(["report", str(constant_run), str(other), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["models"] and set(report["models"]) == {"constant", "random"}
     entry = report["models"]["constant"]
-    assert set(entry) == set(REPORT_KEYS) - {"calibrated", "detector"}
+    assert set(entry) == {"method", "clean_accuracy", "variant_accuracy", "whitebox_fgsm", "minimal_fgsm",
+                          "autoattack", "deepfool_median_l2", "gaussian_noise", "noise_flip_rate", "uniform_noise",
+                          "corruptions"}
     assert set(entry["minimal_fgsm"]) == {"success_rate", "mean_linf", "blank_gradient_rate"}
     assert set(entry["autoattack"]) == {"eps", "accuracy", "setting"} and entry["autoattack"]["eps"] == 0.1
-    assert set(entry["whitebox_fgsm"]) == {"0.05", "0.2"} and set(entry["corruptions"]) == {"contrast"}
-    assert entry["corruptions"]["contrast"].keys() == {"1"}
+    assert set(entry["whitebox_fgsm"]) == {"0.05", "0.2"} and set(entry["corruptions"]) == set(corruptions.SEVERITIES)
+    assert entry["corruptions"]["contrast"].keys() == {"1", "5"}
+    assert set(report["models"]["random"]) == {"method", "clean_accuracy", "variant_accuracy", "whitebox_fgsm"}
     markdown = (out / "report.md").read_text()
     assert "| constant |" in markdown and "| random |" in markdown and "reduced" in markdown
+    assert "different settings" in markdown
     for plot in ("accuracy_vs_eps.png", "accuracy_vs_noise.png", "variant_accuracy.png", "corruptions.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -323,6 +378,19 @@ def test_report_refuses_runs_evaluated_on_different_data(store, tmp_path):
     assert not (tmp_path / "report").exists() or not any((tmp_path / "report").iterdir())
     with pytest.raises(DataError, match="no evaluation.json"):
         write_report([first, tmp_path], tmp_path / "report")
+
+
+def test_runs_sharing_a_name_are_told_apart_by_their_directories():
+    def record(name: str, target: str, path: str) -> dict:
+        return {"name": name, "target": target, "_path": path}
+
+    same_name = [record("clean", "runs/a/clean", "runs/a/clean/evaluation/evaluation.json"),
+                 record("clean", "runs/b/clean", "runs/b/clean/evaluation/evaluation.json")]
+    assert list(name_records(same_name)) == ["a/clean", "b/clean"]
+    same_model = [record("model", "m.pt", "out/x/evaluation.json"), record("model", "m.pt", "out/y/evaluation.json")]
+    assert list(name_records(same_model)) == ["model @ x", "model @ y"]
+    with pytest.raises(DataError, match="given twice"):
+        name_records([same_model[0], same_model[0]])
 
 
 # ----------------------------------------------------------------------------------------------- bad input

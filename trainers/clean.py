@@ -91,7 +91,7 @@ def _check_writable(path: Path) -> None:
     if path.is_dir():
         raise ModelError(f"{path}: cannot write the checkpoint here (is a directory); choose a writable "
                          "model.checkpoint")
-    check_writable(path.parent, ModelError, "the checkpoint", "choose a writable model.checkpoint")
+    check_writable(path.parent, ModelError, "the checkpoint", "choose a writable model.checkpoint", subject=path)
 
 
 def source_model_is_current(config: Config) -> bool:

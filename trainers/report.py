@@ -99,24 +99,38 @@ def load_evaluation(path: Path) -> dict[str, Any]:
 
 
 def name_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each run by its name, made unique with parent directories when two runs share one."""
+    """Each run by its name; when two share one, their run directories' parents go in front ("a/clean"),
+    and failing that (one model evaluated twice) the evaluation directories ("clean @ out/a")."""
     paths = [record["_path"] for record in records]
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
         raise DataError(f"report: the same evaluation is given twice: {', '.join(twice)}")
     names = [record["name"] for record in records]
-    depth = 0
-    while len(set(names)) < len(names):
-        depth += 1
+    deepest = max(len(Path(record.get("target") or record["_path"]).parts) for record in records)
+    for depth in range(1, deepest + 1):
+        if len(set(names)) == len(names):
+            break
         names = [_qualified(record, depth) for record in records]
+    if len(set(names)) < len(names):
+        places = _shortest_unique([Path(path).parent for path in paths])
+        names = [f"{record['name']} @ {place}" for record, place in zip(records, places, strict=True)]
     return dict(zip(names, records, strict=True))
 
 
 def _qualified(record: dict[str, Any], depth: int) -> str:
-    """The run name with `depth` parent directories of its run (or evaluation) directory in front."""
+    """The run name with `depth` parent directories of its run directory (or checkpoint) in front."""
     location = Path(record.get("target") or record["_path"])
     parents = [part for part in location.parent.parts[-depth:] if part not in ("/", "")]
     return "/".join([*parents, record["name"]])
+
+
+def _shortest_unique(directories: list[Path]) -> list[str]:
+    """The shortest trailing parts that tell distinct directories apart."""
+    for depth in range(1, max(len(d.parts) for d in directories) + 1):
+        labels = ["/".join(d.parts[-depth:]) for d in directories]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in directories]
 
 
 def check_same_data(models: dict[str, dict[str, Any]]) -> None:
