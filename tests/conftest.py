@@ -214,3 +214,22 @@ def http_server(directory: Path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads crawl when another process shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def saved_model(tmp_path: Path, arch: str, shape=(3, 8, 8), classes: int = 10, seed: int = 0) -> Path:
+    """A freshly initialised (seeded) registry model saved as an advpipe checkpoint."""
+    from advpipe.models import build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    path = tmp_path / f"{arch}-{seed}.pt"
+    save_checkpoint(path, build_model(arch, classes, shape), CLASSES[:classes], {"test": True})
+    return path

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, make_arrays, write_test_store
+from conftest import CLASSES, make_arrays, saved_model, write_test_store
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,7 +15,7 @@ from advpipe.batch import Batch
 from advpipe.config import OptimConfig, SamplerConfig, SourceConfig
 from advpipe.datasets import load_source
 from advpipe.errors import ConfigError, ModelError, StoreError
-from advpipe.models import build_model, load_checkpoint, model_fingerprint, save_checkpoint
+from advpipe.models import build_model, load_checkpoint, model_fingerprint
 from advpipe.pipeline.generators.shift import B2Params, ScenarioB2Generator
 from advpipe.sampler.mapstyle import make_loader
 from advpipe.stores import build_store
@@ -36,18 +35,11 @@ ADAM = OptimConfig(epochs=2, optimizer="adam", lr=1e-3)
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Every test here on one thread."""
 
 
-def checkpoint(tmp_path: Path, arch: str, shape=(3, 8, 8), classes: int = 10) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / f"{arch}.pt"
-    save_checkpoint(path, build_model(arch, classes, shape), CLASSES[:classes], {"test": True})
-    return path
+checkpoint = saved_model
 
 
 def as_batch(items) -> Batch:

@@ -6,18 +6,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, write_test_store
+from conftest import saved_model, write_test_store
 from torch.utils.data import DataLoader, TensorDataset
 
 from advpipe.batch import Batch
 from advpipe.config import OptimConfig, SamplerConfig
 from advpipe.errors import ConfigError, ModelError, StoreError
-from advpipe.models import ARCHITECTURES, build_model, model_fingerprint, save_checkpoint
+from advpipe.models import ARCHITECTURES, build_model, model_fingerprint
 from advpipe.sampler.mapstyle import make_loader
 from advpipe.trainers.detector import DetectorHead, DetectorMethod
 from advpipe.trainers.loop import StepContext, fit
@@ -26,18 +25,11 @@ SMALL_HEAD = {"dim": 16, "heads": 2, "layers": 2, "max_grid": 4}
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Every test here on one thread."""
 
 
-def checkpoint(tmp_path: Path, arch: str, shape=(3, 8, 8), classes: int = 10, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    path = tmp_path / f"{arch}-{seed}.pt"
-    save_checkpoint(path, build_model(arch, classes, shape), CLASSES[:classes], {"test": True})
-    return path
+checkpoint = saved_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -23,15 +23,6 @@ from advpipe.trainers.loop import Method, StepContext, TrainingError, evaluate, 
 DIGITS_OPTIM = {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "batch_size": 32, "epochs": 5}
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and two threads crawl when another process shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def separable(n: int = 256, seed: int = 0) -> TensorDataset:
     """4x4 grey images: class 1 iff the left half is brighter than the right half."""
     generator = torch.Generator().manual_seed(seed)

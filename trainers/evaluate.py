@@ -607,7 +607,7 @@ def _noise_sweep(ctx: Context, kind: str, levels: tuple[float, ...],
 
 def measure_gaussian(ctx: Context) -> dict[str, Any]:
     accuracy, flips = _noise_sweep(ctx, "gaussian_noise", ctx.config.gaussian_sigmas,
-                                   lambda x, s, g: x + s * torch.randn(x.shape))
+                                   lambda x, s, g: x + s * torch.randn(x.shape, generator=g))
     return {"gaussian_noise": accuracy, "noise_flip_rate": flips}
 
 
