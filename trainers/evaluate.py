@@ -63,12 +63,18 @@ def variant_accuracy(model: nn.Module, store: Store, split: str = "test", *, dev
     device = resolve_device(device)
     model.to(device)
     result = {}
-    for name in store.variants:
-        only = SamplerConfig(ratio=(0.0, 0.0)) if name == "clean" else \
-            SamplerConfig(ratio=(1.0, 1.0), weights={name: 1.0})
-        loader = open_loader(store.path, split, only, reader="map", batch_size=batch_size, shuffle=False,
-                             rank=0, world_size=1)
-        result[name] = loader_accuracy(model, loader, device, predict=predict)
+    loader_log = logging.getLogger("advpipe.sampler.loader")
+    level = loader_log.level
+    loader_log.setLevel(max(level, logging.WARNING))  # one variant per pass: its realised counts say nothing
+    try:
+        for name in store.variants:
+            only = SamplerConfig(ratio=(0.0, 0.0)) if name == "clean" else \
+                SamplerConfig(ratio=(1.0, 1.0), weights={name: 1.0})
+            loader = open_loader(store.path, split, only, reader="map", batch_size=batch_size, shuffle=False,
+                                 rank=0, world_size=1)
+            result[name] = loader_accuracy(model, loader, device, predict=predict)
+    finally:
+        loader_log.setLevel(level)
     return result
 
 
@@ -363,19 +369,21 @@ def measure_detector(ctx: Context) -> dict[str, Any]:
         return {}
     reference, head = (module.to(ctx.device) for module in ctx.subject.detector)
     kinds = {v.name: getattr(v, "kind", None) for v in ctx.store.manifest.variants}
+    failed = ctx.store.split(TEST).failed()
     per_variant, adversarial = {}, [0, 0]
     for variant_id, name in enumerate(ctx.store.variants):
         if kinds.get(name) == "shift":
             continue
+        images = ctx.images.where(~failed[ctx.images.indices, variant_id])  # a failed image holds no attack
         correct = 0
-        for x, _ in ctx.images.batches(variant_id):
+        for x, _ in images.batches(variant_id):
             with torch.no_grad():
                 flags = head(reference.features(x.to(ctx.device)))[0].argmax(dim=1).cpu()
             correct += int((flags == int(variant_id > 0)).sum())
-        per_variant[name] = correct / len(ctx.images)
+        per_variant[name] = share(correct, len(images))
         if variant_id > 0:
             adversarial[0] += correct
-            adversarial[1] += len(ctx.images)
+            adversarial[1] += len(images)
     ctx.step("detector")
     return {"detector": {"clean_accuracy": per_variant[CLEAN], "adversarial_accuracy": share(*adversarial),
                          "variants": per_variant}}
@@ -673,6 +681,8 @@ def measure(subject: Subject, store: Store, config: EvaluationConfig, device: to
                 continue
             started = time.perf_counter()
             found = measure_calibrated(ctx, with_calibrater) if name == "calibrated" else MEASURE_FUNCTIONS[name](ctx)
+            if not found:  # the detector or calibrater measure of another method's run
+                continue
             seconds[name] = time.perf_counter() - started
             for key, value in found.items():
                 (details if key.startswith("_") else results)[key.lstrip("_")] = value

@@ -180,6 +180,24 @@ def _levels(models: dict[str, dict[str, Any]], key: str) -> list[str]:
     return sorted(found, key=float)
 
 
+def _variant_order(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Stored variants in the stores' own order (the JSON files keep keys sorted)."""
+    names: dict[str, None] = {}  # ordered and unique
+    for record in models.values():
+        measured = record["results"].get("variant_accuracy", {})
+        names.update((v, None) for v in [*record["store"].get("variants", []), *sorted(measured)] if v in measured)
+    return list(names)
+
+
+def _corruption_order(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Corruptions in the configured order."""
+    names: dict[str, None] = {}  # ordered and unique
+    for record in models.values():
+        measured = record["results"].get("corruptions") or {}
+        names.update((c, None) for c in [*record["config"].get("corruptions", []), *sorted(measured)] if c in measured)
+    return list(names)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -250,9 +268,7 @@ def _provenance(models: dict[str, dict[str, Any]]) -> str:
 
 
 def _variants_section(models: dict[str, dict[str, Any]]) -> str:
-    variants: list[str] = []
-    for record in models.values():
-        variants += [v for v in record["results"].get("variant_accuracy", {}) if v not in variants]
+    variants = _variant_order(models)
     if not variants:
         return ""
     rows = [[name, pct(r["results"].get("clean_accuracy")),
@@ -325,9 +341,7 @@ def _noise_section(models: dict[str, dict[str, Any]]) -> str:
 
 
 def _corruption_section(models: dict[str, dict[str, Any]]) -> str:
-    names: list[str] = []
-    for record in models.values():
-        names += [c for c in (record["results"].get("corruptions") or {}) if c not in names]
+    names = _corruption_order(models)
     if not names:
         return ""
     rows = []
@@ -394,11 +408,14 @@ def _plot_eps(models: dict[str, dict[str, Any]]) -> Any:
         ys = [r.get("clean_accuracy"), *(v for _, v in sweep)]
         axis.plot(xs, [100 * y for y in ys], marker="o", color=color, label=name)
         if r.get("autoattack"):
-            axis.plot([r["autoattack"]["eps"]], [100 * r["autoattack"]["accuracy"]], marker="*", markersize=12,
-                      linestyle="none", color=color, label=f"{name}: AutoAttack")
-    axis.set(xlabel="eps (L-inf, pixels in [0, 1])", ylabel="accuracy (%)", title="White-box FGSM", ylim=(0, 100))
+            axis.plot([r["autoattack"]["eps"]], [100 * r["autoattack"]["accuracy"]], marker="*", markersize=13,
+                      linestyle="none", color=color)
+    if any(r["results"].get("autoattack") for r in models.values()):
+        axis.plot([], [], marker="*", markersize=13, linestyle="none", color="0.3", label="AutoAttack")
+    axis.set(xlabel="eps (L-inf, pixels in [0, 1])", ylabel="accuracy (%)",
+             title="White-box FGSM (lines), AutoAttack (stars)", ylim=(0, 100))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
 
@@ -419,7 +436,7 @@ def _plot_noise(models: dict[str, dict[str, Any]]) -> Any:
                           label=name)
         axis.set(xlabel=label, ylabel="%", title=title, ylim=(0, 100))
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
 
@@ -432,13 +449,11 @@ def _bars(axis: Any, groups: list[str], values: dict[str, list[float | None]]) -
     axis.set_xticklabels(groups, rotation=30, ha="right")
     axis.set(ylabel="accuracy (%)", ylim=(0, 100))
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _plot_variants(models: dict[str, dict[str, Any]]) -> Any:
-    groups = ["clean"]
-    for record in models.values():
-        groups += [v for v in record["results"].get("variant_accuracy", {}) if v not in groups]
+    groups = ["clean", *_variant_order(models)]
     if len(groups) == 1:
         return None
     figure, (axis,) = _figure(width=max(6.0, 0.6 * len(groups) * max(1, len(models)) ** 0.5))
@@ -451,9 +466,7 @@ def _plot_variants(models: dict[str, dict[str, Any]]) -> Any:
 
 def _plot_corruptions(models: dict[str, dict[str, Any]]) -> Any:
     means = {name: corruption_means(r["results"].get("corruptions")) for name, r in models.items()}
-    groups: list[str] = []
-    for per_name, _ in means.values():
-        groups += [c for c in per_name if c not in groups]
+    groups = _corruption_order(models)
     if not groups:
         return None
     figure, (axis,) = _figure(width=max(6.0, 0.7 * (len(groups) + 1)))
