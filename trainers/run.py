@@ -82,7 +82,7 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
     torch.manual_seed(config.seed)
     arch = entry.arch or config.model.arch
     model = build_model(arch, context.num_classes, context.input_shape)
-    attacks = [n for n in store.manifest.variant_names if context.variant_kinds.get(n) != "shift"]
+    attacks = store.manifest.variants_of_kind("attack")
     sampler = method.sampler_config(entry.data or method.default_data, config.sampler, attacks)
     train_loader = open_loader(store.path, "train", sampler, batch_size=config.train.batch_size,
                                num_workers=config.train.num_workers)
@@ -121,17 +121,11 @@ def _context(config: Config, store: Store, entry: MethodConfig) -> MethodContext
     checkpoint = Path(config.model.checkpoint)
     return MethodContext(
         variant_names=store.variants,
-        variant_kinds={v.name: getattr(v, "kind", None) or _kind_from_generator(v.generator)
-                       for v in manifest.variants},
+        variant_kinds={v.name: v.kind for v in manifest.variants},
         checkpoint=checkpoint if checkpoint.is_file() else None,
         arch=entry.arch or config.model.arch, num_classes=len(manifest.class_names),
         input_shape=tuple(manifest.image_shape),  # type: ignore[arg-type]
     )
-
-
-def _kind_from_generator(generator: str) -> str:
-    """Stores written before variant kinds were recorded: b1 and b2 are the scenario shifts."""
-    return "shift" if generator in ("b1", "b2") else "attack"
 
 
 def _settings(config: Config, name: str, entry: MethodConfig, store: Store, context: MethodContext) -> dict:
