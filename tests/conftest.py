@@ -233,3 +233,60 @@ def saved_model(tmp_path: Path, arch: str, shape=(3, 8, 8), classes: int = 10, s
     path = tmp_path / f"{arch}-{seed}.pt"
     save_checkpoint(path, build_model(arch, classes, shape), CLASSES[:classes], {"test": True})
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3-protocol server (server mode) in its own process on 127.0.0.1; yields its endpoint URL.
+
+    A real HTTP server speaking the S3 protocol: clients in this process, in Dask worker
+    processes and in SLURM jobs reach it as they would reach AWS, MinIO or Ceph.
+    """
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:  # moto_server cannot report a port it chose itself
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def answering() -> bool | None:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            return True
+        except OSError:
+            return None
+
+    try:
+        wait_for(answering, "moto's S3 server to start", timeout=60, alive=server)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+#: Fake, recognisable credentials: tests search every file and log a run leaves for these strings.
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIATESTKEYADVPIPE01",
+                       "AWS_SECRET_ACCESS_KEY": "test-secret-advpipe-0123456789", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request):
+    """A fresh, empty bucket on the moto server; yields `s3://<bucket>`.
+
+    Credentials and the endpoint come from the standard AWS environment variables (set here for
+    this test and inherited by any process it starts), as a user's would.
+    """
+    import re
+
+    import boto3
+
+    for key, value in {**S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
