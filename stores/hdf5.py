@@ -16,11 +16,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from advpipe.errors import IntegrityError
+from advpipe.errors import IntegrityError, shorten, shown
 from advpipe.faults import fault_point
-from advpipe.stores.shard import Layout, ShardData, ShardReader, StoredArray
+from advpipe.stores.shard import Layout, MappedArrays, ShardData, ShardReader, StoredArray
 
 CHUNK_SAMPLES = 64
+#: filters the format allows (docs/FORMAT.md section 5.3): deflate (gzip), shuffle, and h5py's LZF
+ALLOWED_FILTERS = frozenset({h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, 32000})
+#: soft links followed from one dataset name before it is refused (loops)
+MAX_SOFT_LINKS = 8
 
 
 def write_shard(path: Path, shard: ShardData, layout: Layout, compression: str | None = None) -> None:
@@ -68,6 +72,7 @@ class HDF5Shard(ShardReader):
 
     _arrays: dict[str, object] | None = None
     _handle: h5py.File | None = None
+    _views: MappedArrays | None = None
 
     def load(self) -> None:
         if self._arrays is None:
@@ -78,38 +83,97 @@ class HDF5Shard(ShardReader):
         local = self.source.local_path(self.record)
         try:
             handle = h5py.File(local if local is not None else io.BytesIO(data), "r", locking=False)
-        except OSError as exc:
-            raise IntegrityError(f"shard {self.name}: cannot be opened as HDF5 ({exc}); run `advpipe verify`") from None
-        small = ["ids", "labels", "failed"] if self.layout.names else ["ids", "labels"]
-        arrays: dict[str, object] = {key: self._dataset(handle, key)[()] for key in small}
-        arrays["clean"] = self._mapped(handle, "clean", data, np.uint8, self.image_shape)
-        for array in self.layout.arrays:
-            arrays[array.name] = self._mapped(handle, array.name, data, array.dtype,
-                                              (len(array.variants), *self.image_shape))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise IntegrityError(f"shard {self.name}: cannot be opened as HDF5 ({shown(exc)}); "
+                                 "run `advpipe verify`") from None
+        try:
+            arrays = self._arrays_of(handle, data)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # h5py on malformed metadata
+            handle.close()
+            raise IntegrityError(f"shard {self.name}: malformed HDF5 ({shown(exc)}); run `advpipe verify`") from None
+        except IntegrityError:
+            handle.close()
+            raise
         if any(isinstance(a, h5py.Dataset) for a in arrays.values()):
             self._handle = handle  # chunked data is read through the open file
         else:
             handle.close()
         return arrays
 
-    def _dataset(self, handle: h5py.File, key: str) -> h5py.Dataset:
-        if key not in handle:
-            raise IntegrityError(f"shard {self.name}: dataset '{key}' is missing; run `advpipe verify`")
-        dataset = handle[key]
-        if dataset.shape[:1] != (self.count,):
-            raise IntegrityError(
-                f"shard {self.name}: dataset '{key}' holds {dataset.shape[0]} samples, manifest says {self.count}"
-            )
+    def _arrays_of(self, handle: h5py.File, data) -> dict[str, object]:
+        """Every dataset the format names, checked (docs/FORMAT.md, "What a reader refuses") before any is read."""
+        small = {"ids": ((), np.int64), "labels": ((), np.int64)}
+        if self.layout.names:
+            small["failed"] = ((len(self.layout.names),), np.uint8)
+        arrays: dict[str, object] = {key: self._dataset(handle, key, dtype, tail)[()]
+                                     for key, (tail, dtype) in small.items()}
+        arrays["clean"] = self._mapped(self._dataset(handle, "clean", np.uint8, self.image_shape), data)
+        for array in self.layout.arrays:
+            dataset = self._dataset(handle, array.name, array.dtype, (len(array.variants), *self.image_shape))
+            arrays[array.name] = self._mapped(dataset, data)
+        return arrays
+
+    def _dataset(self, handle: h5py.File, key: str, dtype: np.dtype, tail: tuple[int, ...]) -> h5py.Dataset:
+        """Dataset `key`, refused unless its data lies in this file, with the format's dtype, shape and filters."""
+        dataset = self._resolve(handle, key)
+        where = f"shard {self.name}: dataset '{key}'"
+        if not isinstance(dataset, h5py.Dataset):
+            raise IntegrityError(f"{where} is not a dataset; run `advpipe verify`")
+        if dataset.is_virtual or dataset.external:
+            kind = "a virtual dataset" if dataset.is_virtual else "stored in external files"
+            raise IntegrityError(f"{where} is {kind}: its data would come from outside the shard; refused")
+        plist = dataset.id.get_create_plist()
+        filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+        if not filters <= ALLOWED_FILTERS:
+            raise IntegrityError(f"{where} uses HDF5 filters {sorted(filters - ALLOWED_FILTERS)}; the format allows "
+                                 "only gzip, lzf and shuffle; refused")
+        expected = (self.count, *tail)
+        if dataset.shape is None or dataset.shape[:1] != (self.count,):
+            held = "no samples" if not dataset.shape else f"{dataset.shape[0]} samples"
+            raise IntegrityError(f"{where} holds {held}, manifest says {self.count}; run `advpipe verify`")
+        if (dataset.dtype, dataset.shape) != (np.dtype(dtype), expected):
+            raise IntegrityError(f"{where} is {shorten(str(dataset.dtype))} {dataset.shape[1:]}, the format and "
+                                 f"manifest say {np.dtype(dtype)} {tuple(tail)}; run `advpipe verify`")
         return dataset
 
-    def _mapped(self, handle: h5py.File, key: str, data, dtype: np.dtype, shape: tuple[int, ...]) -> object:
+    def _resolve(self, handle: h5py.File, key: str) -> object:
+        """The object at `key`, following soft links inside the file; external and user-defined links are refused.
+
+        Walks the path a component at a time, so no link is followed before its kind is known:
+        HDF5 would open an external link's file while resolving the path.
+        """
+        parts, node, hops = [key], handle, 0
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            name = part.encode("utf-8", "surrogateescape")
+            if not isinstance(node, h5py.Group) or not node.id.links.exists(name):  # H5Lexists follows no link
+                raise IntegrityError(f"shard {self.name}: dataset '{key}' is missing; run `advpipe verify`")
+            kind = node.id.links.get_info(name).type
+            if kind == h5py.h5l.TYPE_SOFT:
+                hops += 1
+                if hops > MAX_SOFT_LINKS:
+                    raise IntegrityError(f"shard {self.name}: dataset '{key}' is behind more than {MAX_SOFT_LINKS} "
+                                         "soft links (a loop?); refused")
+                target = node.id.links.get_val(name).decode("utf-8", "surrogateescape")
+                parts[:0] = target.split("/")
+                node = handle if target.startswith("/") else node
+            elif kind == h5py.h5l.TYPE_HARD:
+                node = node[part]
+            else:
+                raise IntegrityError(f"shard {self.name}: dataset '{key}' is reached through an external or "
+                                     "user-defined link, which would open another file; refused")
+        return node
+
+    def _mapped(self, dataset: h5py.Dataset, data) -> object:
         """A read-only view of the shard's bytes for contiguous data; the h5py dataset itself for chunked data."""
-        dataset = self._dataset(handle, key)
-        if (dataset.dtype, dataset.shape[1:]) != (np.dtype(dtype), tuple(shape)):
-            raise IntegrityError(f"shard {self.name}: dataset '{key}' is {dataset.dtype} {dataset.shape[1:]}, the "
-                                 f"manifest says {np.dtype(dtype)} {tuple(shape)}; run `advpipe verify`")
         offset = dataset.id.get_offset()
         if dataset.chunks is None and offset is not None:
+            size = int(np.prod(dataset.shape)) * dataset.dtype.itemsize
+            if offset + size > len(data):
+                raise IntegrityError(f"shard {self.name}: dataset '{dataset.name}' lies past the end of the file "
+                                     f"({offset + size} > {len(data)} bytes); run `advpipe verify`")
             return np.frombuffer(data, dtype=dataset.dtype, count=int(np.prod(dataset.shape)),
                                  offset=offset).reshape(dataset.shape)
         return dataset
@@ -138,6 +202,11 @@ class HDF5Shard(ShardReader):
     def gather(self, array: StoredArray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         return self._take(array.name, rows, columns)
 
+    def mapped(self) -> MappedArrays | None:
+        if self._views is None and len(self.layout.arrays) == 1:
+            self._views = MappedArrays.of(self.arrays["clean"], self.arrays[self.layout.arrays[0].name])
+        return self._views
+
     def _take(self, key: str, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         source = self.arrays[key]
         if isinstance(source, np.ndarray):
@@ -163,7 +232,11 @@ class HDF5Shard(ShardReader):
         if cache_key in self._chunk_cache:
             self._chunk_cache.move_to_end(cache_key)
             return self._chunk_cache[cache_key]
-        block = dataset[chunk * size : (chunk + 1) * size]
+        try:
+            block = dataset[chunk * size : (chunk + 1) * size]
+        except (OSError, RuntimeError, ValueError) as exc:  # a chunk that does not decompress
+            raise IntegrityError(f"shard {self.name}: dataset '{key}' cannot be read ({shown(exc)}); "
+                                 "run `advpipe verify`") from None
         self._chunk_cache[cache_key] = block
         if len(self._chunk_cache) > 8:
             self._chunk_cache.popitem(last=False)

@@ -8,12 +8,15 @@ reader trusts (shard names, counts, shapes) is validated here before use.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advpipe.errors import StoreError, describe_validation_error
+from advpipe.errors import StoreError, describe_validation_error, shorten, shown
 from advpipe.stores.shard import DEFAULT_ARRAY, Layout
 
 FORMAT = "advpipe-store"
@@ -24,6 +27,29 @@ MANIFEST_NAME = "manifest.json"
 SHIFT_GENERATORS = frozenset({"b1", "b2"})
 Precision = Literal["float16", "float32", "uint8"]
 
+# Bounds on what a manifest may claim (docs/FORMAT.md, "What a reader refuses"): a store is someone
+# else's input, and these numbers size allocations before any shard is read.
+#: the largest manifest.json read (about 300,000 shard records; JSON takes ~10x its size in memory)
+MAX_MANIFEST_BYTES = 64 * 2**20
+#: the deepest nesting of JSON arrays and objects; writers nest 5 deep plus what `params` and `source` hold
+MAX_JSON_DEPTH = 32
+#: sample ids, counts and shard sizes stay far inside int64
+MAX_SAMPLES = 2**40
+MAX_SHARD_BYTES = 2**50
+#: every sample takes at least this many bytes in any shard: its int64 id and label (HDF5) or 4 tar headers
+MIN_SAMPLE_BYTES = 16
+#: an image side, and the values of one image (C * H * W): 3 x 4096 x 4096 fits
+MAX_IMAGE_SIDE = 2**16
+MAX_IMAGE_VALUES = 2**26
+#: the longest shard name (a path inside the store), and variant or split name
+MAX_NAME_CHARS = 1024
+MAX_VARIANT_NAME_CHARS = 255
+#: characters no name in a manifest may hold: a NUL fails inside os.stat, escapes rewrite a terminal
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+ImageSide = Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -32,16 +58,24 @@ class Strict(BaseModel):
 class ShardRecord(Strict):
     """One shard file: the half-open sample range [start, stop) of its split."""
 
-    name: str
-    start: int = Field(ge=0)
-    stop: int = Field(ge=0)
-    bytes: int = Field(ge=0)
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    start: int = Field(ge=0, le=MAX_SAMPLES)
+    stop: int = Field(ge=0, le=MAX_SAMPLES)
+    bytes: int = Field(ge=0, le=MAX_SHARD_BYTES)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("name")
     @classmethod
     def _inside_store(cls, name: str) -> str:
         return safe_relative_name(name)
+
+    @model_validator(mode="after")
+    def _fits(self) -> ShardRecord:
+        """A shard cannot hold more samples than its bytes can carry, so counts never outgrow the real files."""
+        if self.count * MIN_SAMPLE_BYTES > self.bytes:
+            raise ValueError(f"shard {self.name} claims {self.count} samples in {self.bytes} bytes; every sample "
+                             f"takes at least {MIN_SAMPLE_BYTES}")
+        return self
 
     @property
     def count(self) -> int:
@@ -78,7 +112,7 @@ class VariantStats(Strict):
 
 
 class SplitRecord(Strict):
-    count: int = Field(ge=0)
+    count: int = Field(ge=0, le=MAX_SAMPLES)
     source_fingerprint: str
     shards: list[ShardRecord]
     stats: dict[str, VariantStats] = Field(default_factory=dict)
@@ -98,7 +132,7 @@ class SplitRecord(Strict):
 
 
 class VariantRecord(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$", max_length=MAX_VARIANT_NAME_CHARS)
     generator: str
     backend: str
     params: dict[str, Any]
@@ -123,7 +157,7 @@ class Manifest(Strict):
     backend: Literal["hdf5", "webdataset"]
     precision: Precision
     compression: Literal["gzip", "lzf"] | None = None
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[ImageSide, ImageSide, ImageSide]
     class_names: list[str]
     seed: int
     source: dict[str, Any]
@@ -150,8 +184,39 @@ class Manifest(Strict):
     def _unique(cls, variants: list[VariantRecord]) -> list[VariantRecord]:
         names = [v.name for v in variants]
         if len(set(names)) != len(names):
-            raise ValueError(f"variant names repeat: {names}")
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"variant names repeat: {shown(repeated)}")
         return variants
+
+    @field_validator("image_shape")
+    @classmethod
+    def _image_size(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        if math.prod(shape) > MAX_IMAGE_VALUES:
+            raise ValueError(f"an image of {math.prod(shape)} values is more than this reader takes "
+                             f"({MAX_IMAGE_VALUES})")
+        return shape
+
+    @field_validator("splits")
+    @classmethod
+    def _split_names(cls, splits: dict[str, SplitRecord]) -> dict[str, SplitRecord]:
+        for name in splits:
+            if not 0 < len(name) <= MAX_VARIANT_NAME_CHARS or _CONTROL.search(name):
+                raise ValueError(f"split name {shown(name)} must be 1 to {MAX_VARIANT_NAME_CHARS} characters, "
+                                 "without control characters")
+        return splits
+
+    @model_validator(mode="after")
+    def _images_fit(self) -> Manifest:
+        """Uncompressed shards hold every clean image whole, so each shard must have room for them."""
+        if self.backend == "hdf5" and self.compression is not None:
+            return self
+        values = math.prod(self.image_shape)
+        for split in self.splits.values():
+            for shard in split.shards:
+                if shard.count * values > shard.bytes:
+                    raise ValueError(f"shard {shard.name} claims {shard.count} images of {values} bytes in "
+                                     f"{shard.bytes} bytes")
+        return self
 
     @model_validator(mode="after")
     def _placed(self) -> Manifest:
@@ -204,14 +269,30 @@ class Manifest(Strict):
         for record in self.variants:
             if record.name == name:
                 return record
-        raise StoreError(f"store has no variant '{name}' (it has: {', '.join(self.variant_names) or 'none'})")
+        raise StoreError(f"store has no variant {shown(name)} (it has: "
+                         f"{shorten(', '.join(self.variant_names)) or 'none'})")
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON arrays and objects nest in `value`, without recursion (stops counting past the limit)."""
+    deepest, stack = 0, [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def safe_relative_name(name: str) -> str:
     """Refuse shard names that could point outside the store directory."""
     path = PurePosixPath(name)
     if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
-        raise ValueError(f"shard name '{name}' must be a relative path inside the store")
+        raise ValueError(f"shard name {shown(name)} must be a relative path inside the store")
+    if _CONTROL.search(name):
+        raise ValueError(f"shard name {shown(name)} holds control characters")
     return name
 
 
@@ -222,6 +303,8 @@ def read_manifest(store_dir: str | Path) -> Manifest:
     if not store_dir.is_dir():
         problem = "not a directory (a store is a directory)" if store_dir.exists() else "no such store directory"
         raise StoreError(f"{store_dir}: {problem}")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{path}: not a regular file (a FIFO, device or directory); refused")
     if not path.is_file():
         if not (store_dir / ".generation.json").exists():
             raise StoreError(f"{store_dir}: not a finished store (no {MANIFEST_NAME}), and no generation has "
@@ -230,15 +313,33 @@ def read_manifest(store_dir: str | Path) -> Manifest:
             f"{store_dir}: not a finished store (no {MANIFEST_NAME}); it may still be being generated, "
             "or generation was interrupted: re-run `advpipe generate` to complete it"
         )
+    _check_manifest_file(store_dir, path)
     return parse_manifest(path.read_bytes(), str(path))
+
+
+def _check_manifest_file(store_dir: Path, path: Path) -> None:
+    """A manifest (a regular file) lies inside the store and has a size this reader takes, before a byte is read."""
+    real, inside = os.path.realpath(path), os.path.realpath(store_dir)
+    if os.path.commonpath([real, inside]) != inside:
+        raise StoreError(f"{path}: leads outside the store (a symbolic link to {shown(real)}); refused")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise StoreError(f"{path}: {path.stat().st_size} bytes, more than a manifest may have "
+                         f"({MAX_MANIFEST_BYTES}); refused")
 
 
 def parse_manifest(text: str | bytes, origin: str) -> Manifest:
     """Validate a manifest's JSON text; `origin` (a path or URL) names it in every error."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise StoreError(f"{origin}: {len(text)} bytes, more than a manifest may have ({MAX_MANIFEST_BYTES}); "
+                         "refused")
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{origin}: manifest is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise StoreError(f"{origin}: manifest nests JSON deeper than {MAX_JSON_DEPTH} levels; refused") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: also numbers of over 4300 digits
+        raise StoreError(f"{origin}: manifest is not valid JSON ({shorten(str(exc))})") from None
+    if _depth(raw) > MAX_JSON_DEPTH:
+        raise StoreError(f"{origin}: manifest nests JSON deeper than {MAX_JSON_DEPTH} levels; refused")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise StoreError(f"{origin}: not an advpipe store manifest (missing \"format\": \"{FORMAT}\")")
     try:

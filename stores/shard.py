@@ -8,6 +8,8 @@ variant to its (array, column), so a batch costs one gather per array whatever i
 
 from __future__ import annotations
 
+import os
+import stat as stat_module
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from advpipe.errors import IntegrityError, shown
 from advpipe.stores.codec import DELTA_PRECISIONS, STORED_DTYPE
 
 if TYPE_CHECKING:  # both import this module
@@ -22,6 +25,26 @@ if TYPE_CHECKING:  # both import this module
     from advpipe.stores.source import ShardSource, Verify
 
 DEFAULT_ARRAY = "variants"
+
+
+def local_shard_stat(root: str, name: str) -> os.stat_result:
+    """The stat of shard `name` of the local store at `root`, refused unless it is a regular file inside the store.
+
+    A store is someone else's input: a shard that is a symbolic link out of the store would
+    pull in any file this process can read, and a FIFO or device would block or never end.
+    A few stat calls per shard open; OSError (missing, unreadable) is left to the caller.
+    """
+    path = os.path.join(root, name)
+    info = os.stat(path)
+    if not stat_module.S_ISREG(info.st_mode):
+        kind = "a directory" if stat_module.S_ISDIR(info.st_mode) else "a FIFO" if stat_module.S_ISFIFO(
+            info.st_mode) else "a device or socket"
+        raise IntegrityError(f"shard {name}: is {kind}, not a regular file; refused")
+    real, inside = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, inside]) != inside:
+        raise IntegrityError(f"shard {name}: leads outside the store (a symbolic link to {shown(real)}); refused: a "
+                             "store's shards must be files inside its directory")
+    return info
 
 
 def array_name(precision: str, default: str) -> str:
@@ -146,6 +169,26 @@ class ShardData:
             else np.zeros((len(self), 0), dtype=bool)
 
 
+@dataclass(frozen=True)
+class MappedArrays:
+    """A shard whose clean images and single stacked array are plain numpy views (of its bytes, or in memory).
+
+    `flat` is the stacked array as (n * k, C, H, W), when that is a view numpy can `take` from
+    directly (contiguous and aligned); otherwise gathers index `variants` by (row, column).
+    """
+
+    clean: np.ndarray  # uint8 (n, C, H, W)
+    variants: np.ndarray  # (n, k, C, H, W) in the store's precision
+    flat: np.ndarray | None
+
+    @classmethod
+    def of(cls, clean: object, variants: object) -> MappedArrays | None:
+        if not (isinstance(clean, np.ndarray) and isinstance(variants, np.ndarray)):
+            return None
+        contiguous = variants.flags.c_contiguous and variants.flags.aligned
+        return cls(clean, variants, variants.reshape(-1, *variants.shape[2:]) if contiguous else None)
+
+
 class ShardReader(ABC):
     """Read-only access to one shard file; every backend implements it (`advpipe.stores.backends.BACKENDS`).
 
@@ -200,6 +243,23 @@ class ShardReader(ABC):
         """Row rows[i] of variant variants[i] for every i: (positions, stored values), one gather per array."""
         return [(positions, self.gather(array, rows[positions], columns))
                 for array, positions, columns in self.layout.groups(variants)]
+
+    def mapped(self) -> MappedArrays | None:
+        """The shard as numpy views for the batched read path, or None (chunked, or variants in several arrays)."""
+        return None
+
+    def clean_into(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Write the clean images at `rows` (already bounds-checked) into `out`, a contiguous uint8 buffer."""
+        out[...] = self.clean(rows)
+
+    def stored_into(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        """Write row rows[i] of variant variants[i] (0-based, checked) into out[i], in out's dtype.
+
+        The batched read path gathers straight from `mapped()` views where a backend has them; this
+        serves the other shards (chunked, or variants in several arrays) through `stored_pairs`.
+        """
+        for positions, values in self.stored_pairs(rows, variants):
+            out[positions] = values
 
     def stored(self, variant: int, rows: np.ndarray) -> np.ndarray:
         """One variant's stored form at these rows."""

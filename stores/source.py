@@ -21,8 +21,11 @@ from typing import Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from advpipe import urls
 from advpipe.errors import IntegrityError, StoreError
+from advpipe.stores.cache import FetchCounters, ShardCache
 from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest, read_manifest
+from advpipe.stores.shard import local_shard_stat
 
 Verify = Literal["none", "size", "checksum"]
 VERIFY_MODES = ("none", "size", "checksum")
@@ -38,12 +41,15 @@ class ShardSource:
     """
 
     def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-                 verify: Verify = "checksum") -> None:
+                 verify: Verify = "checksum", cache: ShardCache | None = None) -> None:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         self.location = str(location)
-        self.storage_options = storage_options or {}
+        self.shown = urls.redact(self.location)  # the location as messages and logs show it: no credentials
+        self.storage_options = urls.storage_options(self.location, storage_options)
         self.verify = verify
+        self.cache = cache if urls.is_remote(self.location) else None  # a remote store's shards, on local disk
+        self.counters = FetchCounters(shared=urls.is_remote(self.location))
         self._verified: dict[str, tuple[int, ...]] = {}  # local shard path -> stat signature it was hashed at
         self._maps: dict[str, tuple[tuple[int, ...], Any]] = {}  # local shard path -> (signature, memory map)
         self._fs: tuple[int, fsspec.AbstractFileSystem, str] | None = None
@@ -52,11 +58,11 @@ class ShardSource:
         return {**self.__dict__, "_fs": None, "_maps": {}}
 
     def __repr__(self) -> str:
-        return f"ShardSource({self.location!r})"
+        return f"ShardSource({self.shown!r})"
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         if self._fs is None or self._fs[0] != os.getpid():
-            fs, root = fsspec.core.url_to_fs(self.location, **self.storage_options)
+            fs, root = urls.filesystem(self.location, self.storage_options)
             self._fs = (os.getpid(), fs, root.rstrip("/") or "/")
         return self._fs[1], self._fs[2]
 
@@ -68,7 +74,7 @@ class ShardSource:
     def display(self) -> Path | str:
         """The location as a user names it: a Path for a local store, the URL otherwise."""
         if not self.is_local:
-            return self.location
+            return self.shown
         return Path(self.location) if "://" not in self.location else Path(self.filesystem()[1])
 
     def local_path(self, record: ShardRecord) -> Path | None:
@@ -83,11 +89,11 @@ class ShardSource:
         try:
             text = fs.cat_file(f"{root}/{MANIFEST_NAME}")
         except FileNotFoundError:
-            raise StoreError(f"{self.location}: not a finished store (no {MANIFEST_NAME}); it may still be being "
+            raise StoreError(f"{self.shown}: not a finished store (no {MANIFEST_NAME}); it may still be being "
                              "generated, or the location is wrong") from None
         except OSError as exc:
-            raise StoreError(f"{self.location}: cannot read {MANIFEST_NAME} ({exc})") from None
-        return parse_manifest(text, f"{self.location}/{MANIFEST_NAME}")
+            raise StoreError(f"{self.shown}: cannot read {MANIFEST_NAME} ({urls.redact(exc)})") from None
+        return parse_manifest(text, f"{self.shown}/{MANIFEST_NAME}")
 
     def has_manifest(self) -> bool:
         fs, root = self.filesystem()
@@ -102,11 +108,12 @@ class ShardSource:
         """Raise IntegrityError naming the shard if it is missing or has another size (reads no data)."""
         fs, root = self.filesystem()
         try:
-            size = fs.size(f"{root}/{record.name}")
+            local = isinstance(fs, LocalFileSystem)  # a local shard must be a regular file inside the store
+            size = local_shard_stat(root, record.name).st_size if local else fs.size(f"{root}/{record.name}")
         except FileNotFoundError:
-            raise IntegrityError(f"shard {record.name}: missing from {self.location}") from None
+            raise IntegrityError(f"shard {record.name}: missing from {self.shown}") from None
         except OSError as exc:
-            raise StoreError(f"shard {record.name}: cannot be read from {self.location} ({exc})") from None
+            raise StoreError(f"shard {record.name}: cannot be read from {self.shown} ({urls.redact(exc)})") from None
         self._check_length(record, size)
 
     def fetch(self, record: ShardRecord, verify: Verify | None = None) -> Any:
@@ -119,6 +126,8 @@ class ShardSource:
         path = f"{root}/{record.name}"
         if isinstance(fs, LocalFileSystem):
             data, signature = self._local(record, path)
+        elif self.cache is not None:
+            data, signature, path = self._cached(fs, record, path)
         else:
             data, signature = self._remote(fs, record, path), None
         if verify == "none":
@@ -173,22 +182,36 @@ class ShardSource:
         re-mapping every page of the store each epoch.
         """
         try:
-            stat = os.stat(path)
+            stat = local_shard_stat(self.filesystem()[1], record.name)  # refuses links out, FIFOs, devices
             signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
             if self._maps.get(path, (None,))[0] != signature:
                 with open(path, "rb") as handle:
                     data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if stat.st_size else b""
                 self._maps[path] = (signature, data)
         except FileNotFoundError:
-            raise IntegrityError(f"shard {record.name}: missing from {self.location}") from None
+            raise IntegrityError(f"shard {record.name}: missing from {self.shown}") from None
         except OSError as exc:
             raise IntegrityError(f"shard {record.name}: cannot be read ({exc})") from None
         return self._maps[path][1], signature
 
+    def _cached(self, fs: fsspec.AbstractFileSystem, record: ShardRecord, path: str) -> tuple[Any, tuple, str]:
+        """The shard through the local cache: verified as it arrives, then trusted like a local file."""
+        entry = self.cache.get(record, lambda: fs.open(path, "rb"), self.shown)
+        self.counters.add(hits=int(entry.hit), misses=int(not entry.hit), fetched=entry.fetched)
+        if not entry.hit:
+            self._verified[str(entry.path)] = entry.signature  # hashed on arrival
+        return entry.data, entry.signature, str(entry.path)
+
+    def metrics(self) -> dict[str, int]:
+        """`store/cache_hits`, `store/cache_misses`, `store/bytes_fetched`: over this reader and its workers."""
+        return {f"store/{name}": value for name, value in self.counters.snapshot().items()}
+
     def _remote(self, fs: fsspec.AbstractFileSystem, record: ShardRecord, path: str) -> bytes:
         try:
-            return fs.cat_file(path)
+            data = fs.cat_file(path)
+            self.counters.add(fetched=len(data))
+            return data
         except FileNotFoundError:
-            raise IntegrityError(f"shard {record.name}: missing from {self.location}") from None
+            raise IntegrityError(f"shard {record.name}: missing from {self.shown}") from None
         except OSError as exc:
-            raise StoreError(f"shard {record.name}: cannot be read from {self.location} ({exc})") from None
+            raise StoreError(f"shard {record.name}: cannot be read from {self.shown} ({urls.redact(exc)})") from None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from advpipe.errors import IntegrityError
+from advpipe.errors import IntegrityError, shown
 
 BLOCK = 512
 REGULAR = (b"0", b"\0")
@@ -39,10 +39,7 @@ def iter_members(data: memoryview | bytes, shard: str) -> Iterator[tuple[str, me
         name = header[NAME].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = header[PREFIX].split(b"\0", 1)[0].decode("utf-8", "replace")
         name = f"{prefix}/{name}" if prefix else name
-        try:
-            size = int(header[SIZE].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise IntegrityError(f"shard {shard}: corrupt tar header at byte {position}") from None
+        size = octal_size(header[SIZE], shard, position)
         check_member(shard, name, header[TYPE : TYPE + 1])
         start = position + BLOCK
         if start + size > end:
@@ -50,6 +47,15 @@ def iter_members(data: memoryview | bytes, shard: str) -> Iterator[tuple[str, me
         yield name, view[start : start + size]
         position = start + blocks(size) * BLOCK
     raise IntegrityError(f"shard {shard}: truncated tar (no end-of-archive marker)")
+
+
+def octal_size(field: bytes, shard: str, position: int) -> int:
+    """A size field: octal digits only, NUL/space padded (int() would also take '-1', '+7', '0o7', '1_0')."""
+    digits = field.strip(b"\0 ")
+    if digits.strip(b"01234567"):  # anything but octal digits between the padding
+        raise IntegrityError(f"shard {shard}: corrupt tar header at byte {position} (size field "
+                             f"{shown(field)} is not an octal number)")
+    return int(digits or b"0", 8)
 
 
 def check_member(shard: str, name: str, kind: bytes) -> None:

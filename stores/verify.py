@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, IntegrityError, shorten
 from advpipe.stores.manifest import Manifest, ShardRecord
 from advpipe.stores.shard import ShardData
 from advpipe.stores.source import ShardSource
@@ -50,15 +50,15 @@ def verify_store(location: str | os.PathLike, progress: bool = False,
             except AdvpipeError as exc:
                 report.problems.append(str(exc))
             except Exception as exc:  # a corrupt file can fail inside h5py or numpy in many ways
-                report.problems.append(f"shard {record.name}: unreadable ({type(exc).__name__}: {exc})")
+                report.problems.append(f"shard {record.name}: unreadable ({type(exc).__name__}: {shorten(str(exc))})")
             finally:
                 reader.release(index)  # one shard in memory at a time
     return report
 
 
 def _check_contents(data: ShardData, record: ShardRecord, manifest: Manifest) -> None:
-    def bad(message: str) -> AdvpipeError:
-        return AdvpipeError(f"shard {record.name}: {message}")
+    def bad(message: str) -> IntegrityError:
+        return IntegrityError(f"shard {record.name}: {message}")
 
     shape = tuple(manifest.image_shape)
     if len(data) != record.count:

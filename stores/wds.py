@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from advpipe.errors import IntegrityError
+from advpipe.errors import IntegrityError, shown
 from advpipe.stores import tar
 from advpipe.stores.manifest import Manifest, ShardRecord
-from advpipe.stores.shard import DEFAULT_ARRAY, Layout, ShardData, ShardReader, StoredArray
+from advpipe.stores.shard import DEFAULT_ARRAY, Layout, MappedArrays, ShardData, ShardReader, StoredArray
 from advpipe.stores.tar import iter_members
 
 log = logging.getLogger(__name__)
@@ -91,21 +91,30 @@ class Record:
 
 
 class NpyDecoder:
-    """Decode .npy payloads; the header is parsed once per distinct header, since a shard repeats it."""
+    """Decode .npy payloads; the header is parsed once per distinct header, since a shard repeats it.
+
+    Only versions 1.0 and 2.0 (plain latin-1 headers) are read, and the array is always a view
+    of the payload: numpy's own loader would first allocate whatever shape a header claims.
+    """
 
     def __init__(self) -> None:
         self._headers: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
     def __call__(self, payload: memoryview) -> np.ndarray:
-        header_len = 10 + int.from_bytes(payload[8:10], "little")
+        magic = bytes(payload[:8])
+        if magic == b"\x93NUMPY\x01\x00":
+            header_len = 10 + int.from_bytes(payload[8:10], "little")
+        elif magic == b"\x93NUMPY\x02\x00":
+            header_len = 12 + int.from_bytes(payload[8:12], "little")
+        else:
+            raise ValueError(f"not a .npy payload of version 1.0 or 2.0 (starts {shown(magic)})")
         header = bytes(payload[:header_len])
         if header not in self._headers:
             stream = io.BytesIO(header)
             version = np.lib.format.read_magic(stream)
-            if version != (1, 0):
-                return np.load(io.BytesIO(bytes(payload)), allow_pickle=False)
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-            if fortran or dtype.hasobject:
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(stream)
+            if fortran or dtype.hasobject or not dtype.itemsize:
                 raise ValueError("npy payload must be a C-ordered plain array")
             self._headers[header] = (dtype, shape, header_len)
         dtype, shape, offset = self._headers[header]
@@ -134,10 +143,25 @@ def _record(key: str, members: dict[str, memoryview], decode: NpyDecoder, shard:
         meta = json.loads(bytes(members["json"]))
         arrays = {suffix.removesuffix(".npy"): decode(payload) for suffix, payload in members.items()
                   if suffix.startswith(DEFAULT_ARRAY) and suffix.endswith(".npy")}
-        return Record(key, int(meta["id"]), int(meta["label"]), list(meta.get("failed", [])),
-                      decode(members["clean.npy"]), arrays)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise IntegrityError(f"shard {shard}: record '{key}' is malformed ({exc!r}); run `advpipe verify`") from None
+        return Record(key, _int64(meta["id"]), _int64(meta["label"]), _failed_list(meta), decode(members["clean.npy"]),
+                      arrays)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        raise IntegrityError(f"shard {shard}: record '{key}' is malformed ({shown(exc)}); "
+                             "run `advpipe verify`") from None
+
+
+def _failed_list(meta: dict) -> list:
+    failed = meta.get("failed", [])
+    if not isinstance(failed, list):
+        raise TypeError(f"'failed' is not a list but {shown(failed)}")
+    return failed
+
+
+def _int64(value: Any) -> int:
+    """A JSON id or label as an int64 value (bools and floats are not ids)."""
+    if type(value) is not int or not -(2**63) <= value < 2**63:
+        raise ValueError(f"{shown(value)} is not a 64-bit integer")
+    return value
 
 
 # Whole shards as columns ----------------------------------------------------------------------------
@@ -185,9 +209,10 @@ class TarParser:
     other shard is read record by record with `iter_records`.
     """
 
-    def __init__(self, image_shape: tuple[int, ...], layout: Layout) -> None:
+    def __init__(self, image_shape: tuple[int, ...], layout: Layout, classes: int | None = None) -> None:
         self.shape = tuple(image_shape)
         self.layout = layout
+        self.classes = classes  # when given, labels outside [0, classes) are refused (streaming reads no other check)
         self.names = list(self.layout.names)
         pixels = int(np.prod(self.shape))
         members = [("cls", b"", 0), ("json", b"", 0), ("clean.npy", tar.npy_header(self.shape, np.uint8), pixels)]
@@ -205,13 +230,16 @@ class TarParser:
 
     @classmethod
     def of(cls, manifest: Manifest) -> TarParser:
-        return cls(manifest.image_shape, manifest.layout)
+        return cls(manifest.image_shape, manifest.layout, manifest.num_classes)
 
     def read(self, data: Any, shard: ShardRecord) -> ShardColumns:
         columns = self._strided(data, shard)
         if columns is None:
             log.debug("shard %s is not laid out at a fixed stride; reading it record by record", shard.name)
             columns = self._by_record(data, shard)
+        labels = columns.labels
+        if self.classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= self.classes):
+            raise IntegrityError(f"shard {shard.name}: labels outside [0, {self.classes}); run `advpipe verify`")
         return columns
 
     def _columns(self, ids: np.ndarray, labels: np.ndarray, failed: np.ndarray, clean: np.ndarray,
@@ -268,10 +296,10 @@ class TarParser:
             key = sample_key(int(ids[row]))
             try:
                 meta = json.loads(bytes(payloads[row, :sizes[row]]))
-                consistent = meta["id"] == ids[row] and meta["label"] == labels[row]
-                entries.append((row, key, list(meta.get("failed", []))))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise IntegrityError(f"shard {shard.name}: record '{key}' is malformed ({exc!r}); "
+                consistent = (_int64(meta["id"]), _int64(meta["label"])) == (ids[row], labels[row])
+                entries.append((row, key, _failed_list(meta)))
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise IntegrityError(f"shard {shard.name}: record '{key}' is malformed ({shown(exc)}); "
                                      "run `advpipe verify`") from None
             if not consistent:
                 raise IntegrityError(f"shard {shard.name}: record '{key}' has id or label differing from its "
@@ -303,7 +331,7 @@ class TarParser:
             for name in names:
                 if name not in self.names:
                     raise IntegrityError(f"shard {shard.name}: record '{key}' lists unknown failed variant "
-                                         f"'{name}'; run `advpipe verify`")
+                                         f"{shown(name)}; run `advpipe verify`")
                 failed[row, self.names.index(name) + 1] = True
         return failed
 
@@ -316,6 +344,7 @@ class WdsShard(ShardReader):
     """
 
     _columns: ShardColumns | None = None
+    _views: MappedArrays | None = None
 
     def load(self) -> None:
         if self._columns is None:
@@ -346,3 +375,8 @@ class WdsShard(ShardReader):
 
     def gather(self, array: StoredArray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         return self.columns.array(array.name)[rows, columns]
+
+    def mapped(self) -> MappedArrays | None:
+        if self._views is None and self.columns.layout is None:
+            self._views = MappedArrays.of(self.columns.clean, self.columns.variants)
+        return self._views
