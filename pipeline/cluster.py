@@ -10,12 +10,20 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 
 from advpipe.config import GenerationConfig, SlurmConfig
 from advpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: How long the client tries to reach an existing scheduler before giving up.
+SCHEDULER_TIMEOUT = "20s"
+#: The variable Dask reads, when a process imports it, for the level of its `distributed` loggers.
+WORKER_LOGGING = "DASK_LOGGING__DISTRIBUTED"
 
 
 def local_workers(spec: str) -> int:
@@ -55,7 +63,7 @@ def dask_client(generation: GenerationConfig, cluster: str | None = None,
     spec = cluster or generation.cluster
     if scheduler:
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
         except OSError as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); is it running?") from None
         _announce(client, f"scheduler {scheduler}")
@@ -66,12 +74,44 @@ def dask_client(generation: GenerationConfig, cluster: str | None = None,
         started = slurm_cluster(generation.slurm)
         started.scale(jobs=generation.slurm.jobs)
     else:
-        started = LocalCluster(n_workers=local_workers(spec), threads_per_worker=generation.threads_per_worker,
-                               processes=True, dashboard_address=":0" if _has_dashboard() else None,
-                               silence_logs=logging.WARNING)
+        with _quiet_workers():
+            started = LocalCluster(n_workers=local_workers(spec), threads_per_worker=generation.threads_per_worker,
+                                   processes=True, dashboard_address=":0",  # a free port: never "8787 in use"
+                                   silence_logs=logging.WARNING)
     with started, Client(started) as client:
         _announce(client, spec)
-        yield client
+        try:
+            yield client
+        except KeyboardInterrupt:
+            # the user's Ctrl-C has its one-line answer; closing busy workers is not news
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            raise
+
+
+@contextlib.contextmanager
+def _quiet_workers() -> Iterator[None]:
+    """Start local worker processes with SIGINT ignored and, unless logging is verbose, Dask's worker
+    warnings off (both inherited), then restore this process's settings.
+
+    Ctrl-C reaches every process of the terminal's process group: the client answers it (one line,
+    exit 130) and closes its workers, which would otherwise each print a KeyboardInterrupt traceback
+    and a warning for every task the close cancels. Task errors still reach the client.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = os.environ.get(WORKER_LOGGING)
+    if logging.getLogger("distributed").getEffectiveLevel() >= logging.WARNING:
+        os.environ[WORKER_LOGGING] = "error"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved is None:
+            os.environ.pop(WORKER_LOGGING, None)
+        else:
+            os.environ[WORKER_LOGGING] = saved
 
 
 def slurm_cluster(slurm: SlurmConfig):
@@ -82,6 +122,7 @@ def slurm_cluster(slurm: SlurmConfig):
         queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=slurm.processes,
         memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=slurm.job_extra_directives,
         job_script_prologue=slurm.job_script_prologue, local_directory=slurm.local_directory,
+        python=slurm.python or sys.executable, interface=slurm.interface, log_directory=slurm.log_directory,
     )
 
 

@@ -11,6 +11,10 @@ and assembles the manifest from the workers' progress records at the end:
    offline, skip shards whose progress record and checksum prove them finished.
 4. Run the remaining shards (Dask, or inline), then write the manifest last.
 
+The client holds the store's writer lock (advpipe.stores.lock) from before it reads the
+directory until the manifest is published: a second writer is refused at once. An existing
+Dask scheduler is reached before that, so an unreachable one leaves the store untouched.
+
 Killing the client, a worker or the whole machine at any point leaves either a
 finished store or a directory the next run resumes from. Every write into the store
 directory (marker, shards, progress records, manifest) goes through
@@ -73,35 +77,53 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
     fingerprint = store_fingerprint(base, plans)
     writer = StoreWriter(store_dir, config.store.backend, config.store.compression,
-                         store_layout(plans, config.store.precision))
-    writer.check_writable()
+                         store_layout(plans, config.store.precision),
+                         protect=[config.source.path] if config.source.path else [])
+    with contextlib.ExitStack() as stack:
+        client = _connect(config, scheduler, stack)
+        writer.check_writable()
+        stack.enter_context(writer.locked())
+        finished = writer.existing(force)
+        if finished is not None and (finished.fingerprint == fingerprint or _covers(finished, base, plans)):
+            return _up_to_date(writer, finished, config, plans)
+        previous = _previous_for_extension(writer, finished, base, plans, config, force)
+        previous = writer.claim(fingerprint, force, previous)
 
-    finished = writer.existing(force)
-    if finished is not None and (finished.fingerprint == fingerprint or _covers(finished, base, plans)):
-        _check_layout(finished, config)
-        writer.cleanup()
-        extra = sorted(set(finished.variant_names) - {p.name for p in plans})
-        log.info("%s is up to date (fingerprint %s)%s: nothing to do", store_dir, finished.fingerprint[:12],
-                 f"; it also holds {', '.join(extra)}" if extra else "")
-        return Outcome("up-to-date", finished, 0, 0)
-    previous = _previous_for_extension(writer, finished, base, plans, config, force)
-    previous = writer.claim(fingerprint, force, previous)
+        job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
+                      base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
+                      device=device,
+                      extra={"previous": previous} if previous else {})
+        tasks = _plan_tasks(config, sources, plans, previous)
+        pending = [t for t in tasks if not writer.is_done(t.split, t.index, t.name, fingerprint)]
+        log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))
+        _run(pending, job, config, cluster, progress, client)
 
-    job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
-                  base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
-                  device=device,
-                  extra={"previous": previous} if previous else {})
-    tasks = _plan_tasks(config, sources, plans, previous)
-    pending = [t for t in tasks if not writer.is_done(t.split, t.index, t.name, fingerprint)]
-    log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))
-    _run(pending, job, config, cluster, scheduler, progress)
-
-    manifest = _assemble(writer, config, job, tasks, sources, model_meta, plans)
-    _warn_lost(manifest)
-    writer.publish(manifest)
+        manifest = _assemble(writer, config, job, tasks, sources, model_meta, plans)
+        _warn_lost(manifest)
+        writer.publish(manifest)
     status = "extended" if previous else "created"
     log.info("%s: store %s (%d shards computed)", store_dir, status, len(pending))
     return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
+
+
+def _connect(config: Config, scheduler: str | None, stack: contextlib.ExitStack) -> Any:
+    """A client of the existing scheduler (--scheduler or the config's), or None when this run starts its own
+    workers. Connected before the store is touched, so an unreachable scheduler changes nothing."""
+    address = scheduler or config.generation.scheduler
+    if not address:
+        return None
+    from advpipe.pipeline.cluster import dask_client
+
+    return stack.enter_context(dask_client(config.generation, None, address))
+
+
+def _up_to_date(writer: StoreWriter, finished: Manifest, config: Config, plans: list[VariantPlan]) -> Outcome:
+    _check_layout(finished, config)
+    writer.cleanup()
+    extra = sorted(set(finished.variant_names) - {p.name for p in plans})
+    log.info("%s is up to date (fingerprint %s)%s: nothing to do", writer.path, finished.fingerprint[:12],
+             f"; it also holds {', '.join(extra)}" if extra else "")
+    return Outcome("up-to-date", finished, 0, 0)
 
 
 def absolute_paths(config: Config) -> Config:
@@ -222,37 +244,46 @@ def _plan_tasks(config: Config, sources: dict, plans: list[VariantPlan], previou
     return tasks
 
 
-def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | None, scheduler: str | None,
-         progress: bool) -> None:
+def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | None, progress: bool,
+         client: Any = None) -> None:
+    """Run the shard tasks: on `client` (an existing scheduler), inline, or on workers started here."""
     if not tasks:
         return
-    bar = tqdm(total=len(tasks), desc="shards", unit="shard", disable=not progress)
-    if (cluster or config.generation.cluster) == "inline" and not scheduler:
-        for task in tasks:
-            run_shard(task, job)
-            bar.update()
-            fault_point("between-shards")
-        bar.close()
+    if client is None and (cluster or config.generation.cluster) == "inline":
+        with tqdm(total=len(tasks), desc="shards", unit="shard", disable=not progress) as bar:
+            for task in tasks:
+                run_shard(task, job)
+                bar.update()
+                fault_point("between-shards")
         return
-    from distributed import as_completed
-
+    if client is not None:
+        _run_on(client, tasks, job, config, progress)
+        return
     from advpipe.pipeline.cluster import dask_client
 
-    with dask_client(config.generation, cluster, scheduler) as client:
-        keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}" for t in tasks]
-        futures = client.map(run_shard, tasks, job=job, key=keys, retries=config.generation.retries, pure=False)
-        try:
-            for future in as_completed(futures):
-                future.result()
-                bar.update()
-        except AdvpipeError:
-            raise
-        except Exception as exc:
-            raise GenerationError(f"a shard task failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            bar.close()
-            with contextlib.suppress(Exception):
-                client.cancel(futures)
+    with dask_client(config.generation, cluster) as started:
+        _run_on(started, tasks, job, config, progress)
+
+
+def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, progress: bool) -> None:
+    """Submit the tasks to a connected client; the bar starts only once workers are there."""
+    from distributed import as_completed
+
+    keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}" for t in tasks]
+    futures = client.map(run_shard, tasks, job=job, key=keys, retries=config.generation.retries, pure=False)
+    bar = tqdm(total=len(tasks), desc="shards", unit="shard", disable=not progress)
+    try:
+        for future in as_completed(futures):
+            future.result()
+            bar.update()
+    except AdvpipeError:
+        raise
+    except Exception as exc:
+        raise GenerationError(f"a shard task failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        bar.close()
+        with contextlib.suppress(Exception):
+            client.cancel(futures)
 
 
 def _assemble(writer: StoreWriter, config: Config, job: JobSpec, tasks: list[ShardTask], sources: dict,

@@ -75,31 +75,47 @@ def build_store(path: str | Path, splits: dict[str, SplitArrays], *, class_names
     records = [VariantRecord(**v, array=layout.placement(i)[0], column=layout.placement(i)[1])
                for i, v in enumerate(variants)]
     writer = StoreWriter(path, backend, compression, layout)
-    writer.prepare(overwrite)
-    shape = next(iter(splits.values())).images.shape[1:]
+    with writer.locked():
+        writer.prepare(overwrite, "advpipe.stores.build_store")
+        splits_out = {split: _write_split(writer, split, arrays, records, shard_size, progress)
+                      for split, arrays in splits.items()}
+        manifest = _built_manifest(splits, splits_out, records, writer.compression, class_names=class_names,
+                                   backend=backend, precision=precision, shard_size=shard_size, seed=seed,
+                                   source=source, model=model)
+        writer.publish(manifest)
+    return manifest
+
+
+def _write_split(writer: StoreWriter, split: str, arrays: SplitArrays, records: list[VariantRecord],
+                 shard_size: int, progress: bool) -> SplitRecord:
+    """Encode and write one split's shards; its record carries the merged statistics of every variant."""
+    names = [v.name for v in records]
     precisions = {v.name: v.precision for v in records}
-    splits_out = {}
-    for split, arrays in splits.items():
-        shards, tallies = [], {n: [] for n in names}
-        starts = range(0, len(arrays.images), shard_size)
-        for index, start in enumerate(tqdm(starts, desc=f"write {split}", disable=not progress, unit="shard")):
-            stop = min(start + shard_size, len(arrays.images))
-            data, shard_tallies = encode_shard(split, start, arrays.images[start:stop], arrays.labels[start:stop],
-                                               {n: arrays.variants[n][start:stop] for n in names}, precisions)
-            shards.append(writer.write_shard(shard_name(split, index, backend), data))
-            for name in names:
-                tallies[name].append(shard_tallies[name])
-        splits_out[split] = SplitRecord(count=len(arrays.images), source_fingerprint=arrays.source_fingerprint,
-                                        shards=shards, stats={n: merge_all(t).summary() for n, t in tallies.items()})
+    shards, tallies = [], {n: [] for n in names}
+    starts = range(0, len(arrays.images), shard_size)
+    for index, start in enumerate(tqdm(starts, desc=f"write {split}", disable=not progress, unit="shard")):
+        stop = min(start + shard_size, len(arrays.images))
+        data, shard_tallies = encode_shard(split, start, arrays.images[start:stop], arrays.labels[start:stop],
+                                           {n: arrays.variants[n][start:stop] for n in names}, precisions)
+        shards.append(writer.write_shard(shard_name(split, index, writer.backend.name), data))
+        for name in names:
+            tallies[name].append(shard_tallies[name])
+    return SplitRecord(count=len(arrays.images), source_fingerprint=arrays.source_fingerprint,
+                       shards=shards, stats={n: merge_all(t).summary() for n, t in tallies.items()})
+
+
+def _built_manifest(splits: dict[str, SplitArrays], splits_out: dict[str, SplitRecord],
+                    records: list[VariantRecord], compression: str | None, *, class_names: list[str], backend: str,
+                    precision: str, shard_size: int, seed: int, source: dict | None, model: dict | None) -> Manifest:
+    shape = next(iter(splits.values())).images.shape[1:]
     content = {"splits": {s: a.source_fingerprint for s, a in splits.items()}, "precision": precision,
                "variants": [v.fingerprint for v in records], "shard_size": shard_size, "seed": seed}
     manifest = Manifest(
         format_version=FORMAT_VERSION, fingerprint=sha256_json(content), backend=backend, precision=precision,
-        compression=writer.compression, image_shape=tuple(shape), class_names=list(class_names), seed=seed,
+        compression=compression, image_shape=tuple(shape), class_names=list(class_names), seed=seed,
         source=source or {}, model=model, library_versions=library_versions(), variants=records,
         splits=splits_out, created_by="advpipe.stores.build_store",
     )
-    writer.publish(manifest)
     return manifest
 
 
@@ -127,23 +143,24 @@ def convert_store(source: str | os.PathLike, target: str | Path, backend: str, c
                   overwrite: bool = False, progress: bool = True) -> Manifest:
     """Rewrite a store (local or a URL) with another backend or compression; the stored values are unchanged.
 
-    A format version 2 store comes out in the current version, with identical values.
+    A format version 2 store comes out in the current version, with identical values. The target may not
+    be the source, inside it or around it: replacing it (`overwrite`) would delete the source.
     """
     store = Store.open(source)
-    target = Path(target)
-    if isinstance(store.path, Path) and target.resolve() == store.path.resolve():
-        raise StoreError(f"{target}: conversion target must differ from the source store")
-    writer = StoreWriter(target, backend, compression, store.layout)
-    writer.prepare(overwrite)
-    splits = {}
-    for split, record in store.manifest.splits.items():
-        reader, shards = store.split(split), []
-        for index in tqdm(range(len(record.shards)), desc=f"convert {split}", disable=not progress, unit="shard"):
-            shards.append(writer.write_shard(shard_name(split, index, backend), reader.shard_data(index)))
-            reader.release(index)
-        splits[split] = record.model_copy(update={"shards": shards})
-    manifest = store.manifest.model_copy(update={"backend": backend, "compression": writer.compression,
-                                                 "splits": splits, "format_version": FORMAT_VERSION})
-    manifest = Manifest.model_validate(manifest.model_dump())
-    writer.publish(manifest)
+    protect = [store.path] if isinstance(store.path, Path) else []
+    writer = StoreWriter(target, backend, compression, store.layout, protect=protect)
+    with writer.locked():
+        writer.prepare(overwrite, "advpipe convert")
+        splits = {}
+        for split, record in store.manifest.splits.items():
+            reader, shards = store.split(split), []
+            for index in tqdm(range(len(record.shards)), desc=f"convert {split}", disable=not progress,
+                              unit="shard"):
+                shards.append(writer.write_shard(shard_name(split, index, backend), reader.shard_data(index)))
+                reader.release(index)
+            splits[split] = record.model_copy(update={"shards": shards})
+        manifest = store.manifest.model_copy(update={"backend": backend, "compression": writer.compression,
+                                                     "splits": splits, "format_version": FORMAT_VERSION})
+        manifest = Manifest.model_validate(manifest.model_dump())
+        writer.publish(manifest)
     return manifest

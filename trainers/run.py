@@ -184,12 +184,22 @@ RUN_PRODUCTS = (RUN_FILE, STATE_FILE, MODEL_FILE, "metrics.jsonl", "calibrater.p
 
 
 def _clear_run_dir(run_dir: Path) -> None:
-    """Remove what `advpipe train` and `advpipe evaluate` wrote in a run directory, and nothing else."""
+    """Remove what `advpipe train` and `advpipe evaluate` wrote in a run directory, and nothing else.
+
+    Only a directory whose run.json `advpipe train` wrote is touched; a link is removed, never followed.
+    """
     import shutil
 
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not {"fingerprint", "method", "status"} <= record.keys():
+        raise TrainingError(f"{run_dir}: is not a run directory of `advpipe train` (its {RUN_FILE} was not written "
+                            "by it); nothing was deleted: choose another --out")
     for name in RUN_PRODUCTS:
         path = run_dir / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
