@@ -7,6 +7,8 @@
     advpipe inspect STORE         a readable card of a store (--grid out.png for a picture)
     advpipe verify STORE          checksums, counts, shapes; non-zero exit naming bad shards
     advpipe convert SRC DST       rewrite a store with the other backend
+    advpipe publish STORE URL     upload a store to object storage (s3://, gs://, az://), verified, resumable
+    advpipe fetch URL DIR         download a store from object storage (or http://), verified, resumable
     advpipe sample STORE          what the sampler would yield under a policy
     advpipe evaluate CHECKPOINT_OR_RUN_DIR --store STORE   robustness of a model on a store's test split
     advpipe report RUN_DIR [RUN_DIR ...] --out DIR         evaluated runs side by side
@@ -21,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, UsageError
 
 log = logging.getLogger("advpipe")
 
@@ -67,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="Print a readable card of a store.", description="Print a store's card.")
     inspect.add_argument("store", help="store directory or URL (http://..., s3://..., any fsspec URL)")
-    inspect.add_argument("--grid", type=Path, default=None, help="also draw images x variants into this PNG")
+    inspect.add_argument("--grid", type=Path, default=None,
+                         help="also draw images x variants into this PNG (or .pdf, .svg), outside the store")
     inspect.add_argument("--split", default="train", help="split drawn by --grid (default: train)")
-    inspect.add_argument("-n", "--count", type=int, default=8, help="images drawn by --grid (default: 8)")
+    inspect.add_argument("-n", "--count", type=int, default=8, help="images drawn by --grid (1 to 64, default: 8)")
 
     verify = sub.add_parser("verify", help="Verify checksums, counts and shapes of every shard.",
                             description="Verify a store; exits 3 and names each bad shard if any.")
@@ -78,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="Show what the sampler would yield under a policy.",
                             description="Run the sampler's policy over a store without training: expected vs "
                                         "realised variant frequencies, per-batch adversarial fractions.")
-    sample.add_argument("store", type=Path)
+    sample.add_argument("store", help="store directory or URL (http://..., s3://..., any fsspec URL)")
     sample.add_argument("--config", type=Path, required=True, help="YAML config whose `sampler` section is used")
     sample.add_argument("--split", default="train")
     sample.add_argument("--batches", type=int, default=20, help="batches to draw (default: 20)")
-    sample.add_argument("--grid", type=Path, default=None, help="also draw the first batch into this PNG")
+    sample.add_argument("--grid", type=Path, default=None,
+                        help="also draw the first batch into this PNG (or .pdf, .svg), outside the store")
 
     evaluate = sub.add_parser(
         "evaluate", help="Measure a model on a store's test split (robustness, noise, corruptions).",
@@ -110,7 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=["hdf5", "webdataset"], required=True, dest="backend")
     convert.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="HDF5 only")
     convert.add_argument("--force", action="store_true", help="replace an existing store at TARGET")
+    _transfer_commands(sub)
     return parser
+
+
+def _transfer_commands(sub) -> None:
+    publish = sub.add_parser(
+        "publish", help="Upload a store to object storage, verifying every object.",
+        description="Upload a finished store (shards, then its README.md card, then the manifest last), reading "
+                    "every object back to verify it. Re-running an interrupted publish keeps what verifies. "
+                    "Credentials and the endpoint come from the provider's standard environment variables, "
+                    "config files or profiles (docs/OBJECT_STORAGE.md).")
+    publish.add_argument("store", help="store directory (or URL) to publish")
+    publish.add_argument("url", help="target: s3://bucket/prefix/name (any S3-compatible service), gs://, az://")
+    publish.add_argument("--force", action="store_true", help="replace a different store already at URL")
+    publish.add_argument("--workers", type=int, default=4, help="objects transferred at once (default: 4)")
+    fetch = sub.add_parser(
+        "fetch", help="Download a store from object storage, verifying every shard.",
+        description="Download a store into a local directory, checking each shard's sha256 as it arrives; the "
+                    "manifest is written last. Re-running an interrupted fetch keeps what verifies.")
+    fetch.add_argument("url", help="store URL (s3://, gs://, az://, http(s)://) or directory")
+    fetch.add_argument("directory", type=Path, help="local directory for the copy")
+    fetch.add_argument("--force", action="store_true", help="replace a different store already in DIRECTORY")
+    fetch.add_argument("--workers", type=int, default=4, help="objects transferred at once (default: 4)")
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -126,11 +152,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from advpipe.stores import open_store
     from advpipe.stores.inspect import card, grid
 
+    if args.grid:
+        check_grid_target(args.grid, args.store, args.count)
     store = open_store(args.store, verify="size")
     print(card(store.manifest, store.path))
     if args.grid:
         print(f"\ngrid written to {grid(store, args.grid, args.split, args.count)}")
     return 0
+
+
+#: what a grid is drawn into (matplotlib picks the format by suffix) and how many rows it may have
+GRID_SUFFIXES = (".png", ".pdf", ".svg")
+MAX_GRID_ROWS = 64
+
+
+def check_grid_target(out: Path, store: str | Path, rows: int) -> None:
+    """Refuse a --grid target before any work: a row count outside [1, MAX_GRID_ROWS], an unsupported
+    suffix, a directory, a place that cannot hold a file, or anything inside the store (never overwrite a
+    store's files, nor add foreign ones)."""
+    if not 1 <= rows <= MAX_GRID_ROWS:
+        raise UsageError(f"--grid draws 1 to {MAX_GRID_ROWS} images (-n/--count), got {rows}")
+    if out.suffix.lower() not in GRID_SUFFIXES:
+        raise UsageError(f"--grid {out}: give a file name ending in {', '.join(GRID_SUFFIXES)}")
+    if out.is_dir():
+        raise UsageError(f"--grid {out}: is a directory; give a file name such as {out / 'grid.png'}")
+    if "://" not in str(store) and out.resolve().is_relative_to(Path(store).resolve()):
+        raise UsageError(f"--grid {out}: lies inside the store {store}, whose files must not be touched; "
+                         "draw the grid elsewhere")
+    folder = next(parent for parent in out.resolve().parents if parent.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--grid {out}: cannot be written ({folder} is not a writable directory)")
 
 
 @command("verify")
@@ -150,6 +201,7 @@ def _verify(store: Path | str, prefix: str = "") -> int:
     report = verify_store(store, progress=sys.stderr.isatty())
     for problem in report.problems:
         print(f"FAIL {problem}", file=sys.stderr)
+    store = report.store  # as the user may see it: a URL's credentials are redacted
     if not report.ok:
         print(f"{prefix}{store}: {len(report.problems)} problem(s) in {report.shards} shards; restore the named "
               "shards from a good copy, or regenerate: `advpipe generate CONFIG --force`", file=sys.stderr)
@@ -163,6 +215,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from advpipe.config import load_config
     from advpipe.sampler.report import describe_policy, sample_grid
 
+    if args.batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {args.batches}")
+    if args.grid:
+        check_grid_target(args.grid, args.store, 1)
     config = load_config(args.config)
     print(describe_policy(args.store, args.split, config.sampler, args.batches))
     if args.grid:
@@ -176,6 +232,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     manifest = convert_store(args.source, args.target, args.backend, args.compression, overwrite=args.force)
     print(f"{args.target}: {manifest.backend} store written ({sum(s.count for s in manifest.splits.values())} images)")
+    return 0
+
+
+@command("publish")
+def cmd_publish(args: argparse.Namespace) -> int:
+    from advpipe.stores.transfer import publish
+
+    report = publish(args.store, args.url, force=args.force, workers=args.workers, progress=sys.stderr.isatty())
+    print(report.summary("published"))
+    return 0
+
+
+@command("fetch")
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from advpipe.stores.transfer import fetch
+
+    report = fetch(args.url, args.directory, force=args.force, workers=args.workers, progress=sys.stderr.isatty())
+    print(report.summary("fetched"))
     return 0
 
 
@@ -279,10 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("distributed", "art"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    from advpipe.urls import RedactingFilter, redact
+
+    for chatty in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "urllib3"):  # debug lines carry headers
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+    for handler in logging.getLogger().handlers:  # no URL credential reaches a log line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         return COMMANDS[args.command](args)
     except AdvpipeError as exc:
-        print(f"advpipe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"advpipe {args.command}: error: {redact(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"advpipe {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -10,13 +10,15 @@ wasted cluster run.
 from __future__ import annotations
 
 import importlib
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advpipe.errors import ConfigError, describe_validation_error
+from advpipe.errors import SHOWN_CHARS, ConfigError, describe_validation_error, shorten, shown
 
 SPLITS = ("train", "test")
 
@@ -24,7 +26,18 @@ SPLITS = ("train", "test")
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+
+
+def _own_path(value: Path, key: str) -> Path:
+    """Refuse a path that names no place of its own: '' and '.' (the working directory), '..', a root."""
+    if value == Path(".") or value.name in ("", "..") or value == Path(value.anchor):
+        raise ValueError(f"{key} '{value}' names the working directory, a parent or a root, which it would fill "
+                         "or clear; give a path of its own (e.g. runs/store)")
+    return value
 
 
 class SourceConfig(Section):
@@ -56,6 +69,11 @@ class ModelConfig(Section):
     arch: str = "lenet"
     checkpoint: Path = Path("runs/source_model.pt")
     weights: Path | None = Field(default=None, description="local weights file for torchvision:<name>")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_is_a_file(cls, value: Path) -> Path:
+        return _own_path(value, "model.checkpoint")
 
 
 class OptimConfig(Section):
@@ -114,12 +132,41 @@ class VariantConfig(BaseModel):
 
 
 class StoreConfig(Section):
-    path: Path = Path("runs/store")
+    #: a local directory, or an fsspec URL (s3://bucket/prefix, gs://, az://) that generation writes straight to
+    path: Path | str = Path("runs/store")
     backend: Literal["hdf5", "webdataset"] = "hdf5"
     precision: Literal["float16", "float32", "uint8"] = "float16"
     compression: Literal["gzip", "lzf"] | None = None
     shard_size: int = Field(default=512, ge=1)
     splits: tuple[Literal["train", "test"], ...] = SPLITS
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """A URL stays a string (a Path would fold its '//'); anything else is a local path."""
+        if isinstance(value, str) and _URL.match(value):
+            return value
+        return Path(value) if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _store_has_its_own_directory(cls, value: Path | str) -> Path | str:
+        return _own_path(value, "store.path") if isinstance(value, Path) else value
+
+    #: endpoint of an S3-compatible service (MinIO, Ceph, ...); None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    endpoint_url: str | None = None
+    #: further fsspec options for the store's protocol (e.g. profile); never credentials (docs/OBJECT_STORAGE.md)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from advpipe.urls import check_options
+
+        try:
+            return check_options(value, "")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class SlurmConfig(Section):
@@ -127,14 +174,27 @@ class SlurmConfig(Section):
 
     queue: str | None = None
     account: str | None = None
-    cores: int = Field(default=4, ge=1)
-    processes: int = Field(default=4, ge=1)
-    memory: str = "16GB"
+    cores: int = Field(default=4, ge=1, description="cores per job (#SBATCH --cpus-per-task)")
+    processes: int = Field(default=4, ge=1, description="worker processes per job, cores/processes threads each")
+    memory: str = Field(default="16GB", description="memory per job (#SBATCH --mem)")
     walltime: str = "02:00:00"
-    jobs: int = Field(default=2, ge=1)
+    jobs: int = Field(default=2, ge=1, description="jobs submitted; workers = jobs * processes")
     job_extra_directives: list[str] = Field(default_factory=list)
     job_script_prologue: list[str] = Field(default_factory=list)
     local_directory: str | None = None
+    #: the python the jobs run `distributed.cli.dask_worker` with (None: the client's own, e.g. its venv's)
+    python: str | None = None
+    #: network interface the scheduler listens on and workers reach it by (e.g. ib0; lo on a one-node cluster)
+    interface: str | None = None
+    #: where the jobs' stdout/stderr go (None: SLURM's default, slurm-JOBID.out in the submitting directory)
+    log_directory: str | None = None
+
+    @model_validator(mode="after")
+    def _whole_cores(self) -> SlurmConfig:
+        if self.processes > self.cores:
+            raise ValueError(f"processes ({self.processes}) must not exceed cores ({self.cores}): each worker "
+                             "process needs at least one core's thread")
+        return self
 
 
 class GenerationConfig(Section):
@@ -161,7 +221,7 @@ class Range(Section):
             return {"lo": value, "hi": value}
         if isinstance(value, list | tuple):
             if len(value) != 2:
-                raise ValueError(f"a range is [lo, hi], got {list(value)}")
+                raise ValueError(f"a range is [lo, hi], got {shown(list(value))}")
             return {"lo": value[0], "hi": value[1]}
         return value
 
@@ -186,6 +246,8 @@ class SamplerConfig(Section):
     seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=128, ge=1)
     pair_clean: bool = False
+    stored_form: bool = Field(default=False, description="loaders yield images as stored (uint8 + stored delta); "
+                              "the training loop decodes them after moving them to the device (README, num_workers)")
 
     @field_validator("ratio")
     @classmethod
@@ -242,16 +304,16 @@ class EvaluationConfig(Section):
     @classmethod
     def _levels(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0.0 < level <= 1.0 for level in value):
-            raise ValueError(f"every level must lie in (0, 1] (pixels are in [0, 1]), got {list(value)}")
+            raise ValueError(f"every level must lie in (0, 1] (pixels are in [0, 1]), got {shown(list(value))}")
         if len(set(value)) != len(value):
-            raise ValueError(f"levels are listed twice: {list(value)}")
+            raise ValueError(f"levels are listed twice: {shown(list(value))}")
         return tuple(sorted(value))
 
     @field_validator("measures", "corruptions", "severities")
     @classmethod
     def _distinct(cls, value: tuple) -> tuple:
         if len(set(value)) != len(value):
-            raise ValueError(f"entries are listed twice: {list(value)}")
+            raise ValueError(f"entries are listed twice: {shown(list(value))}")
         return value
 
     @model_validator(mode="after")
@@ -263,7 +325,8 @@ class EvaluationConfig(Section):
 
 
 class Config(Section):
-    name: str = "experiment"
+    #: names the run directories (train.runs_dir / name / method), so it is one path component
+    name: str = Field(default="experiment", min_length=1, max_length=128)
     #: Seeds every per-image generator stream (numpy SeedSequence, which refuses negatives).
     seed: int = Field(default=0, ge=0)
     device: str = "auto"
@@ -278,29 +341,84 @@ class Config(Section):
     methods: dict[str, MethodConfig] = Field(default_factory=dict)
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, value: str) -> str:
+        if value in (".", "..") or any(char in value for char in "/\\\0"):
+            raise ValueError("name must be a folder name of its own under train.runs_dir (no '/', '\\', "
+                             "'.' or '..')")
+        return value
+
     @field_validator("variants")
     @classmethod
     def _variant_names(cls, value: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
         for name in value:
             if name == "clean" or not name or "/" in name or name.startswith("."):
-                raise ValueError(f"variant name '{name}' is reserved or not a valid name")
+                raise ValueError(f"variant name {shown(name)} is reserved or not a valid name")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, value: dict[str, MethodConfig]) -> dict[str, MethodConfig]:
+        """Each entry trains into train.runs_dir / name / entry, so an entry is one folder name."""
+        for name in value:
+            if not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".") or len(name) > 128:
+                raise ValueError(f"method entry {shown(name)} is not a valid folder name (no '/', '\\', leading "
+                                 "'.', at most 128 characters)")
         return value
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config; every problem becomes a ConfigError naming the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = parse_config(read_config_bytes(path), str(path))
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        _set_dotted(raw, dotted, value, str(path))
     return config_from_dict(raw, origin=str(path))
+
+
+def read_config_bytes(path: Path) -> bytes:
+    """The file's bytes, refused unread past MAX_CONFIG_BYTES (a config is a few kilobytes)."""
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is not a file; give the path of a YAML config")
+    try:
+        with path.open("rb") as handle:
+            return handle.read(MAX_CONFIG_BYTES + 1)  # parse_config refuses the one byte too many
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+
+
+def parse_config(data: bytes, origin: str = "<config>") -> dict[str, Any]:
+    """The mapping of sections a config file's bytes hold, checked to be bounded and unambiguous.
+
+    Refused with a ConfigError: bytes that are not UTF-8, an empty document (it would silently run every
+    default), YAML errors, duplicate or non-text keys, alias bombs and deep nesting (see _BoundedLoader),
+    a top level that is not a mapping, and numbers that no setting can hold (NaN, infinities, integers
+    beyond 64 bits).
+    """
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{origin}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config is a few kilobytes of "
+                          "YAML, is this the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{origin}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                          "a config is a YAML text file, is this the right file?") from None
+    try:
+        raw = _load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {_yaml_problem(exc)}") from None
+    except (ValueError, OverflowError) as exc:  # a scalar PyYAML accepts but cannot build (a 10k-digit int)
+        raise ConfigError(f"{origin}: not valid YAML: a value cannot be read ({shorten(str(exc))})") from None
+    if raw is None:
+        raise ConfigError(f"{origin}: the config is empty; write at least one section (an empty mapping `{{}}` "
+                          "takes every default)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    _check_numbers(raw, origin, ())
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
@@ -331,12 +449,166 @@ def _check_plugin_entries(config: Config, origin: str) -> None:
             try:
                 check(name, entry)
             except ConfigError as exc:
-                raise ConfigError(f"{origin}: {section}.{name}: {exc}") from None
+                raise ConfigError(f"{origin}: {section}.{shorten(str(name))}: {exc}") from None
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
     for part in parents:
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{origin}: cannot set '{shorten(dotted)}': '{shorten(part)}' is not a section")
     node[leaf] = value
+
+
+#: a config is a few kilobytes (the largest shipped one is 5 KiB); a file past this is refused unread
+MAX_CONFIG_BYTES = 256 << 10
+#: aliases (*name) one config may use; anchors are for sharing a few settings, not for repetition
+MAX_ALIASES = 100
+#: nesting of mappings and lists (aliases expanded); the shipped configs nest 5 levels
+MAX_DEPTH = 24
+#: values (keys, scalars, lists, mappings) with every alias expanded, where the shipped configs have at most
+#: 240: an alias bomb multiplies these per level; pure-Python YAML composes about 10k values a second
+MAX_NODES = 10_000
+#: integers a setting can hold (numpy, torch and the samplers take 64-bit integers)
+INT64 = 2**63
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """What _BoundedLoader refuses, located like any YAML error."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing what no config needs and what makes loading costly or ambiguous.
+
+    Composing counts aliases and nesting as it goes (it recurses per level, so depth must be refused
+    before Python's stack runs out); the composed document is then sized with aliases expanded (an
+    alias bomb is a few hundred bytes of nodes that expand to gigabytes) before anything is built.
+    Building a mapping refuses duplicate keys (PyYAML keeps the last silently) and non-text keys.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _Refused(problem=f"more than {MAX_ALIASES} aliases (*name); repeat settings less, or "
+                               "write them out", problem_mark=event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels", problem_mark=event.start_mark)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Refused(problem=f"more than {MAX_NODES} values; a config is a few hundred",
+                           problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _ExpandedSize().measure(node, 1)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, str):
+                    raise _Refused(problem=f"key {shown(key)} is not text (YAML reads numbers, true/false, "
+                                   "yes/no, on/off and null as values); quote it", problem_mark=key_node.start_mark)
+                if key in seen:
+                    raise _Refused(problem=f"key '{shorten(key)}' appears twice (lines {seen[key]} and {line}); "
+                                   "keep one", problem_mark=key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _ExpandedSize:
+    """Size and depth of a composed YAML graph with aliases expanded, memoised per node (so linear in the
+    nodes actually written), refused past MAX_NODES or MAX_DEPTH, or when an alias refers to its own
+    ancestor (a recursive structure)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, height)
+        self.open: set[int] = set()
+
+    def measure(self, node: Any, level: int) -> tuple[int, int]:
+        known = self.sizes.get(id(node))
+        if known is None:
+            if id(node) in self.open:
+                raise _Refused(problem="an alias refers to a mapping or list that contains it (a recursive "
+                               "structure)", problem_mark=node.start_mark)
+            known = self._measure_children(node, level)
+            self.sizes[id(node)] = known
+        size, height = known
+        if level - 1 + height > MAX_DEPTH:
+            raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels once aliases are expanded",
+                           problem_mark=node.start_mark)
+        return known
+
+    def _measure_children(self, node: Any, level: int) -> tuple[int, int]:
+        if isinstance(node, yaml.ScalarNode):
+            return 1, 1
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value))
+        self.open.add(id(node))
+        size, height = 1, 1
+        for child in children:
+            child_size, child_height = self.measure(child, level + 1)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_NODES:
+                raise _Refused(problem=f"expands to more than {MAX_NODES} values once aliases are expanded "
+                               "(an alias bomb?)", problem_mark=node.start_mark)
+        self.open.discard(id(node))
+        return size, height
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _BoundedLoader(text)  # checks every character is printable before anything else
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where (line, column) and what, however long the offending text was."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid"
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return f"{where}{shorten(what, 2 * SHOWN_CHARS)}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character {exc.position + 1}: {exc.reason} #x{exc.character:04x}"
+    return shorten(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2 * SHOWN_CHARS)
+
+
+def _check_numbers(value: Any, origin: str, where: tuple[str, ...]) -> None:
+    """Refuse NaN, infinities and integers beyond 64 bits anywhere (no setting means them); names the key."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(item, origin, (*where, str(key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_numbers(item, origin, (*where, str(index)))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{origin}: key '{shorten('.'.join(where))}': {value} is not a usable number; "
+                          "give a finite value")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise ConfigError(f"{origin}: key '{shorten('.'.join(where))}': {shown(value)} is beyond the 64-bit "
+                          "integers any setting can hold")

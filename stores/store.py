@@ -217,9 +217,9 @@ class SplitReader:
             if pixels is not None:
                 shard.clean_into(rows[run], pixels[run])
             return
-        if views.flat is not None:
-            views.flat.take(flat_rows[run], 0, stored[run], "clip")
-        else:  # strided or unaligned (HDF5 does not align datasets): np.take would first copy the whole array
+        if views.flat is not None and views.variants.dtype == stored.dtype:  # as bytes: see MappedArrays
+            views.flat.take(flat_rows[run], 0, stored.reshape(len(stored), -1).view(np.uint8)[run], "clip")
+        else:  # a strided WebDataset shard
             stored[run] = views.variants[rows[run], columns[run]]
         if pixels is not None:
             views.clean.take(rows[run], 0, pixels[run], "clip")

@@ -6,9 +6,15 @@ directory is a store exactly when its manifest exists (docs/FORMAT.md section 9)
 writer at any point leaves either a finished store or a directory the next run resumes.
 Generation (advpipe.pipeline) decides what to compute and calls this module for every write.
 
+A store in object storage (s3://, gs://, az://) is written object by object, with the same
+meaning: object stores have no rename, but an object appears whole or not at all, so a shard
+is built in a local temporary file, hashed, uploaded with one put and its size checked; the
+marker, progress records, card and manifest are small objects, the manifest last. Every Dask
+worker writes its own shards this way, so no shared file system is needed (docs/CLUSTER.md).
+
 A writer holds the store's lock (stores/lock.py) for its whole run, and deletes only what
 advpipe wrote: `--force` replaces a store or an interrupted generation, never another
-directory, the working or home directory, or the source of a conversion (`check_target`).
+directory or prefix, the working or home directory, or the source of a conversion (`check_target`).
 """
 
 from __future__ import annotations
@@ -18,16 +24,20 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from advpipe import urls
 from advpipe.errors import AdvpipeError, StoreError
 from advpipe.faults import fault_point
 from advpipe.io import atomic_path, atomic_write_json, check_writable, sha256_file
 from advpipe.provenance import library_versions
 from advpipe.stores.backends import backend
-from advpipe.stores.card import write_card
-from advpipe.stores.lock import LOCK_FILES, store_lock
+from advpipe.stores.card import CARD_NAME, render_card, write_card
+from advpipe.stores.lock import LOCK_FILES, store_lock, writer_filesystem
 from advpipe.stores.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardRecord, read_manifest
 from advpipe.stores.shard import Layout, ShardData
 from advpipe.stores.source import ShardSource
@@ -39,12 +49,89 @@ PREVIOUS = ".previous-manifest.json"
 PROGRESS_DIR = ".progress"
 
 
+class RemoteDir:
+    """A store prefix in object storage, as whole objects named relative to it (no directories, no renames)."""
+
+    def __init__(self, location: str, storage_options: dict[str, Any] | None = None) -> None:
+        if urls.is_read_only(location):
+            raise StoreError(f"{urls.redact(location)}: '{urls.protocol(location)}://' is read-only for advpipe; "
+                             "write the store to a local directory or to object storage (s3://, gs://, az://), "
+                             "then serve that")
+        self.location = location
+        self.storage_options = dict(storage_options or {})
+        self.shown = urls.redact(location)
+        self._fs: tuple[Any, str] | None = None
+
+    def __str__(self) -> str:
+        return self.shown
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            self._fs = writer_filesystem(self.location, self.storage_options)
+        return self._fs[0]
+
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 -- opens the filesystem, which knows the root
+        return self._fs[1]
+
+    def key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    @contextlib.contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        """Turn a storage error into a StoreError naming the location (credentials redacted)."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"{self.shown}: cannot {what} ({urls.redact(exc)}); check the location and that your "
+                             "credentials may write there, then re-run (finished shards are kept)") from None
+
+    def exists(self, name: str) -> bool:
+        with self.errors(f"read {name}"):
+            return self.fs.isfile(self.key(name))
+
+    def read(self, name: str) -> bytes:
+        with self.errors(f"read {name}"):
+            return self.fs.cat_file(self.key(name))
+
+    def write(self, name: str, data: bytes) -> None:
+        with self.errors(f"write {name}"):
+            self.fs.pipe_file(self.key(name), data)
+
+    def put(self, local: Path, name: str) -> int:
+        """Upload a local file as one object; returns the object's size as stored."""
+        with self.errors(f"upload {name}"):
+            self.fs.put_file(str(local), self.key(name))
+            return int(self.fs.size(self.key(name)))
+
+    def names(self) -> list[str]:
+        """Every object under the prefix, relative to it."""
+        prefix = f"{self.root}/"
+        with self.errors("list the store"):
+            found = self.fs.find(self.root) if self.root else []
+        return sorted(path[len(prefix):] for path in found if path.startswith(prefix))
+
+    def delete(self, names: Sequence[str]) -> None:
+        if names:
+            with self.errors("delete old store objects"), contextlib.suppress(FileNotFoundError):
+                self.fs.rm([self.key(name) for name in names])
+
+
 class StoreWriter:
-    """The one writer of a store directory (a local path: stores are written locally, read from anywhere)."""
+    """The one writer of a store: a local directory, or a prefix in object storage (`RemoteDir`)."""
 
     def __init__(self, path: str | os.PathLike, backend_name: str, compression: str | None = None,
-                 layout: Layout | None = None, protect: Sequence[str | os.PathLike] = ()) -> None:
-        self.path = Path(path)
+                 layout: Layout | None = None, protect: Sequence[str | os.PathLike] = (),
+                 storage_options: dict[str, Any] | None = None) -> None:
+        text = os.fspath(path)
+        self.remote = RemoteDir(text, storage_options) if urls.is_remote(text) else None
+        self.path: Path | str = text if self.remote else Path(text.removeprefix("file://"))
+        self.shown: Path | str = self.remote.shown if self.remote else self.path  # for messages: no credentials
+        self.storage_options = dict(storage_options or {})
         self.backend = backend(backend_name)
         self.compression = compression if self.backend.compressible else None
         self.layout = layout
@@ -54,7 +141,12 @@ class StoreWriter:
 
     def check_writable(self) -> None:
         check_target(self.path, self.protect)
-        refuse_foreign(self.path)
+        refuse_foreign(self.remote or self.path)
+        if self.remote is not None:
+            probe = f".tmp-write-probe-{uuid.uuid4().hex}"
+            self.remote.write(probe, b"")
+            self.remote.delete([probe])
+            return
         check_writable(self.path, StoreError, "the store", "choose a writable store.path")
 
     @contextlib.contextmanager
@@ -64,7 +156,11 @@ class StoreWriter:
         The target is checked first, so nothing is created in a directory advpipe may not write.
         """
         check_target(self.path, self.protect)
-        refuse_foreign(self.path)
+        refuse_foreign(self.remote or self.path)
+        if self.remote is not None:
+            with store_lock(self.path, self.storage_options) as holder:
+                yield holder
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -75,14 +171,14 @@ class StoreWriter:
 
     def existing(self, force: bool) -> Manifest | None:
         """The finished store here, if any; with `force` an unreadable one (old format, damaged) is discarded."""
-        if not (self.path / MANIFEST_NAME).exists():
+        if not self._has(MANIFEST_NAME):
             return None
         try:
-            return read_manifest(self.path)
+            return self._source().manifest() if self.remote else read_manifest(self.path)
         except StoreError:
             if not force:
                 raise
-            log.warning("--force: discarding the unreadable store at %s", self.path)
+            log.warning("--force: discarding the unreadable store at %s", self.shown)
             self.wipe()
             return None
 
@@ -90,50 +186,55 @@ class StoreWriter:
         """For a store written in one go (under `locked`): refuse to write over a store or an interrupted
         run unless asked, then mark the directory as being written by `writer`."""
         if not overwrite:
-            if (self.path / MANIFEST_NAME).exists():
-                raise StoreError(f"{self.path}: a store already exists here; choose another path, or --force to "
+            if self._has(MANIFEST_NAME):
+                raise StoreError(f"{self.shown}: a store already exists here; choose another path, or --force to "
                                  "replace it (overwrite=True in Python)")
-            if (self.path / MARKER).exists():
-                raise StoreError(f"{self.path}: an interrupted generation or conversion left files here; choose "
+            if self._has(MARKER):
+                raise StoreError(f"{self.shown}: an interrupted generation or conversion left files here; choose "
                                  "another path, or --force to discard them (overwrite=True in Python)")
         self.wipe()
-        atomic_write_json(self.path / MARKER, {"fingerprint": None, "writer": writer,
-                                               "versions": library_versions()})
+        self._write_json(MARKER, {"fingerprint": None, "writer": writer, "versions": library_versions()})
 
     def claim(self, fingerprint: str, force: bool, previous: dict | None) -> dict | None:
         """Mark the directory as being generated with this fingerprint; refuse to mix two runs' shards.
 
         Returns the store being extended, or None once `force` has discarded it.
         """
-        marker = self.path / MARKER
-        if marker.exists():
+        if self._has(MARKER):
             try:
-                claimed = json.loads(marker.read_text()).get("fingerprint")
+                claimed = json.loads(self._read(MARKER)).get("fingerprint")
             except (OSError, ValueError, AttributeError, RecursionError):  # not UTF-8 or JSON, not an object
                 claimed = None  # a damaged marker vouches for no configuration: treated as another one's
             if claimed != fingerprint:
                 if not force:
-                    raise StoreError(f"{self.path}: an interrupted generation with a different configuration "
+                    raise StoreError(f"{self.shown}: an interrupted generation with a different configuration "
                                      "left shards here; re-run it with its config, or --force to discard them")
                 self.wipe()
                 previous = None
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"fingerprint": fingerprint, "versions": library_versions()})
+        if self.remote is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._write_json(MARKER, {"fingerprint": fingerprint, "versions": library_versions()})
         return previous
 
     def take_offline(self, manifest: Manifest) -> None:
         """Before extending a store: save its manifest aside, then remove it (the store is offline until the
         extended manifest is published)."""
-        atomic_write_json(self.path / PREVIOUS, {"manifest": manifest.model_dump(mode="json")})
-        (self.path / MANIFEST_NAME).unlink()
+        self._write_json(PREVIOUS, {"manifest": manifest.model_dump(mode="json")})
+        self._delete(MANIFEST_NAME)
 
     def saved_previous(self) -> Manifest | None:
         """The manifest `take_offline` saved, when an interrupted extension is resumed."""
-        saved = self.path / PREVIOUS
-        return Manifest.model_validate(json.loads(saved.read_text())["manifest"]) if saved.exists() else None
+        if not self._has(PREVIOUS):
+            return None
+        return Manifest.model_validate(json.loads(self._read(PREVIOUS))["manifest"])
 
     def wipe(self) -> None:
         """Empty a store or an interrupted generation, keeping the lock; refuses anything advpipe did not write."""
+        if self.remote is not None:
+            refuse_foreign(self.remote)
+            self._delete(MANIFEST_NAME)  # first: a wipe cut short never leaves a store missing shards
+            self.remote.delete([n for n in self.remote.names() if n not in LOCK_FILES])
+            return
         if not self.path.exists():
             return
         check_target(self.path, self.protect)
@@ -154,6 +255,8 @@ class StoreWriter:
         """Write one shard atomically and return its manifest record."""
         if self.layout is None:
             raise ValueError("StoreWriter needs the store's variant layout to write shards")
+        if self.remote is not None:
+            return self._upload_shard(name, shard)
         target = self.path / name
         try:
             with atomic_path(target) as tmp:
@@ -166,26 +269,47 @@ class StoreWriter:
         return ShardRecord(name=name, start=shard.start, stop=shard.stop, bytes=target.stat().st_size,
                            sha256=sha256_file(target))
 
+    def _upload_shard(self, name: str, shard: ShardData) -> ShardRecord:
+        """Build the shard in a local temporary file, hash it, upload it as one object (whole or absent)."""
+        try:
+            with tempfile.TemporaryDirectory(prefix="advpipe-shard-") as scratch:
+                local = Path(scratch) / Path(name).name
+                self.backend.write(local, shard, self.layout, self.compression)
+                size, digest = local.stat().st_size, sha256_file(local)
+                stored = self.remote.put(local, name)
+        except OSError as exc:
+            raise StoreError(f"shard {name}: could not be built in the temporary directory {tempfile.gettempdir()} "
+                             f"({exc}); free space there (or set TMPDIR) and re-run to resume") from None
+        if stored != size:
+            raise StoreError(f"shard {name}: stored as {stored} bytes at {self.shown}, but {size} were uploaded; "
+                             "re-run to resume (the shard is computed again)")
+        return ShardRecord(name=name, start=shard.start, stop=shard.stop, bytes=size, sha256=digest)
+
     def progress_path(self, split: str, index: int) -> Path:
-        return self.path / PROGRESS_DIR / f"{split}-{index:05d}.json"
+        return Path(self.path) / self._progress_name(split, index)
+
+    @staticmethod
+    def _progress_name(split: str, index: int) -> str:
+        return f"{PROGRESS_DIR}/{split}-{index:05d}.json"
 
     def record_progress(self, split: str, index: int, progress: dict) -> None:
         """Mark a shard finished: `progress` holds the run's fingerprint, the shard record and its tallies."""
-        atomic_write_json(self.progress_path(split, index), progress)
+        self._write_json(self._progress_name(split, index), progress)
 
     def read_progress(self, split: str, index: int) -> dict:
-        return json.loads(self.progress_path(split, index).read_text())
+        return json.loads(self._read(self._progress_name(split, index)))
 
     def is_done(self, split: str, index: int, name: str, fingerprint: str) -> bool:
-        """A shard is finished when its progress record belongs to this run and the file matches its checksum."""
-        if not self.progress_path(split, index).exists():
+        """A shard is finished when its progress record belongs to this run and the file matches its checksum
+        (a remote shard is read back and hashed: its listing's ETag is no sha256)."""
+        if not self._has(self._progress_name(split, index)):
             return False
         try:
             progress = self.read_progress(split, index)
             record = ShardRecord.model_validate(progress["record"])
             done = progress["fingerprint"] == fingerprint and record.name == name
             if done:
-                ShardSource(self.path).fetch(record, "checksum")
+                self._source().fetch(record, "checksum")
         except (ValueError, KeyError, OSError, AdvpipeError):
             done = False
         if not done:
@@ -196,13 +320,23 @@ class StoreWriter:
 
     def publish(self, manifest: Manifest) -> None:
         """Write the card (README.md) and then the manifest, the last file of a store; then remove the run's state."""
-        write_card(self.path, manifest)
-        write_manifest(self.path, manifest)
+        if self.remote is not None:
+            self.remote.write(CARD_NAME, render_card(manifest).encode())
+            text = manifest_text(manifest).encode()
+            fault_point("manifest-write")
+            self.remote.write(MANIFEST_NAME, text)
+        else:
+            write_card(self.path, manifest)
+            write_manifest(self.path, manifest)
         fault_point("after-manifest")
         self.cleanup()
 
     def cleanup(self) -> None:
         """Remove run state once the manifest is published (and stale temp files of killed writers)."""
+        if self.remote is not None:
+            self.remote.delete([n for n in self.remote.names() if n.startswith((f"{PROGRESS_DIR}/", ".tmp-"))
+                                or n in (MARKER, PREVIOUS)])
+            return
         shutil.rmtree(self.path / PROGRESS_DIR, ignore_errors=True)
         for name in (MARKER, PREVIOUS):
             with contextlib.suppress(FileNotFoundError):
@@ -210,6 +344,30 @@ class StoreWriter:
         for stale in self.path.rglob(".tmp-*"):
             with contextlib.suppress(OSError):
                 stale.unlink()
+
+    # small files or objects, by name relative to the store ---------------------------------------
+
+    def _source(self) -> ShardSource:
+        return ShardSource(self.path, self.storage_options)
+
+    def _has(self, name: str) -> bool:
+        return self.remote.exists(name) if self.remote else (self.path / name).exists()
+
+    def _read(self, name: str) -> bytes:
+        return self.remote.read(name) if self.remote else (self.path / name).read_bytes()
+
+    def _write_json(self, name: str, value: Any) -> None:
+        if self.remote is None:
+            atomic_write_json(self.path / name, value)
+        else:
+            self.remote.write(name, (json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+    def _delete(self, name: str) -> None:
+        if self.remote is not None:
+            self.remote.delete([name])
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / name).unlink()
 
 
 def check_target(path: str | os.PathLike, protect: Sequence[str | os.PathLike] = ()) -> None:
@@ -219,12 +377,17 @@ def check_target(path: str | os.PathLike, protect: Sequence[str | os.PathLike] =
     are never a store; nor are the protected paths (what the store is made from: a conversion's
     source store, generation's source data), nor anything around or inside them.
     """
+    if urls.is_remote(path):
+        _check_remote_target(os.fspath(path), protect)
+        return
     where = Path(path).expanduser().resolve()
     for name, place in _precious():
         if where == place or where in place.parents:
             raise StoreError(f"{path}: is {name}{'' if where == place else ' or a directory holding it'}; a store "
                              "needs a directory of its own (a new or empty one, e.g. a 'store' folder inside it)")
     for source in protect:
+        if urls.is_remote(source):
+            continue  # a local directory is never at, around or inside a URL
         source_dir = Path(source).expanduser().resolve()
         relation = ("is" if where == source_dir else "holds" if where in source_dir.parents else
                     "is inside" if source_dir in where.parents else None)
@@ -233,9 +396,31 @@ def check_target(path: str | os.PathLike, protect: Sequence[str | os.PathLike] =
                              "it (replacing the store must never delete its source)")
 
 
-def refuse_foreign(path: Path) -> None:
+def _check_remote_target(location: str, protect: Sequence[str | os.PathLike]) -> None:
+    """A remote store is never a whole bucket's parent of its source, nor inside or at it (by URL prefix)."""
+    where = _url_key(location)
+    for source in protect:
+        if not urls.is_remote(source):
+            continue
+        other = _url_key(os.fspath(source))
+        relation = ("is" if where == other else "holds" if other.startswith(where + "/") else
+                    "is inside" if where.startswith(other + "/") else None)
+        if relation:
+            raise StoreError(f"{urls.redact(location)}: {relation} the source {urls.redact(source)}; write the store "
+                             "to a prefix outside it (replacing the store must never delete its source)")
+
+
+def _url_key(location: str) -> str:
+    """A URL compared by protocol and path (s3a:// is s3://; trailing slashes dropped)."""
+    return f"{urls.protocol(location)}://{location.split('://', 1)[1].strip('/')}"
+
+
+def refuse_foreign(path: Path | RemoteDir) -> None:
     """Refuse a path that is not a directory advpipe may write: one that is empty, absent, a store, or an
     interrupted generation."""
+    if isinstance(path, RemoteDir):
+        _refuse_foreign_prefix(path)
+        return
     if not path.exists():
         return
     if not path.is_dir():
@@ -250,6 +435,39 @@ def refuse_foreign(path: Path) -> None:
     leftovers = sorted(p.name for p in path.iterdir() if not _writer_state(p.name))
     raise StoreError(f"{path}: directory is not empty and is not a store ({', '.join(leftovers[:3])}); choose an "
                      "empty or new store path (--force replaces only an advpipe store, never other files)")
+
+
+def _refuse_foreign_prefix(remote: RemoteDir) -> None:
+    """`refuse_foreign` for a prefix in object storage: its objects decide, as a directory's files do."""
+    names = remote.names()
+    if remote_ownership(remote, names) is not None:
+        return
+    if MANIFEST_NAME in names:
+        raise StoreError(f"{remote.shown}: holds a {MANIFEST_NAME} that is not an advpipe store manifest; advpipe does "
+                         "not write or replace this prefix (not even with --force): move it away or choose another "
+                         "store path")
+    leftovers = [n for n in names if not _writer_state(n)]
+    raise StoreError(f"{remote.shown}: prefix is not empty and is not a store ({', '.join(leftovers[:3])}); choose an "
+                     "empty or new store path (--force replaces only an advpipe store, never other objects)")
+
+
+def remote_ownership(remote: RemoteDir, names: list[str] | None = None) -> str | None:
+    """`ownership` for a prefix in object storage."""
+    names = remote.names() if names is None else names
+    for name, kind in ((MANIFEST_NAME, "store"), (MARKER, "generation")):
+        if name in names:
+            value = _json_bytes(remote, name)
+            if (value.get("format") == FORMAT) if kind == "store" else bool(value):
+                return kind
+    return "empty" if all(_writer_state(name) for name in names) else None
+
+
+def _json_bytes(remote: RemoteDir, name: str) -> dict:
+    try:
+        value = json.loads(remote.read(name))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def ownership(path: Path) -> str | None:
@@ -286,9 +504,13 @@ def _precious() -> list[tuple[str, Path]]:
     return places
 
 
+def manifest_text(manifest: Manifest) -> str:
+    return json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def write_manifest(store_dir: Path, manifest: Manifest) -> None:
     """Publish a store: the manifest is the last file written."""
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    text = manifest_text(manifest)
     with atomic_path(Path(store_dir) / MANIFEST_NAME) as tmp:
         tmp.write_text(text)
         fault_point("manifest-write")

@@ -15,6 +15,8 @@ from advpipe.stores import SplitArrays, build_store
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Remote stores are cached locally: tests must not fill the user's ~/.cache (inherited by subprocesses).
+os.environ.setdefault("ADVPIPE_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="advpipe-test-cache-"))
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -290,3 +292,37 @@ def s3_bucket(s3_endpoint, monkeypatch, request):
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid()}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
+
+
+SLURM_ONE_NODE = Path(__file__).resolve().parents[1] / "bench" / "slurm_one_node.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """A real single-node SLURM cluster (munged, slurmctld, slurmd) on this machine; yields its partition.
+
+    bench/slurm_one_node.sh installs and starts it; a cluster already up is used and left running,
+    one started here is stopped at the end. Where SLURM cannot be installed or started the tests
+    skip with the script's reason (and fail in CI, ADVPIPE_CI=1, which must run them).
+    """
+    import subprocess
+
+    def script(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SLURM_ONE_NODE), action], capture_output=True, text=True, timeout=600)
+
+    def unavailable(reason: str) -> None:
+        if os.environ.get("ADVPIPE_CI"):
+            pytest.fail(f"{reason}; CI (ADVPIPE_CI=1) must run the SLURM tests: give the CI job root and apt-get")
+        pytest.skip(reason)
+
+    if script("status").returncode == 0:
+        yield "debug"
+        return
+    started = script("start")
+    if started.returncode != 0:
+        script("stop")  # whatever part of it did start
+        unavailable(f"no single-node SLURM cluster here: {started.stderr.strip() or started.stdout.strip()}")
+    try:
+        yield "debug"
+    finally:
+        script("stop")
