@@ -2,9 +2,9 @@
 
     python bench/longrun.py [--samples 1000000] [--generate-images 20000]
 
-1. Stream `--samples` samples through the map-style sampler (HDF5) and, when the
-   streaming module is present, through WebDataset streaming; RSS of this process
-   is sampled every 50 batches. Growth = (last RSS - RSS after warm-up) / RSS
+1. Stream `--samples` samples through the map-style sampler (HDF5; in this process, and with
+   2 persistent workers yielding the stored form) and through WebDataset streaming; RSS of
+   this process and its DataLoader workers is sampled every 50 batches. Growth = (last RSS - RSS after warm-up) / RSS
    after warm-up, warm-up being the first quarter of the run (target < 5%).
 2. Generate `--generate-images` images with ONE Dask worker process (shards of
    500), sampling the worker's RSS after every finished shard through the Dask
@@ -52,10 +52,10 @@ def stream(loader_factory, total: int, batch: int) -> list[float]:
     rss, seen, batches = [], 0, 0
     while seen < total:
         for item in loader_factory():
-            seen += len(item["y"])
+            seen += len(item.decode().x)  # a stored-form batch is decoded as a training loop would
             batches += 1
             if batches % 50 == 0:
-                rss.append(process.memory_info().rss / MiB)
+                rss.append(sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / MiB)
             if seen >= total:
                 break
     return rss
@@ -66,7 +66,10 @@ def sampler_runs(root: Path, total: int) -> None:
 
     config = SamplerConfig(ratio=[0.3, 0.7], weights={"v0": 1, "v1": [0.5, 2], "v2": 1}, redraw="batch",
                            batch_size=256)
-    runs = {"hdf5 map-style": lambda: make_loader(small_store(root, 100_000, "hdf5"), "train", config)}
+    hdf5 = small_store(root, 100_000, "hdf5")
+    runs = {"hdf5 map-style": lambda: make_loader(hdf5, "train", config),
+            "hdf5 map-style, 2 workers, stored form": lambda: make_loader(hdf5, "train", config, num_workers=2,
+                                                                         persistent_workers=True, stored_form=True)}
     try:
         from advpipe.sampler.streaming import make_stream_loader
 
@@ -132,12 +135,13 @@ def generation_run(root: Path, images: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1_000_000)
-    parser.add_argument("--generate-images", type=int, default=20_000)
+    parser.add_argument("--generate-images", type=int, default=20_000, help="0: leave the generation run out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="advpipe-longrun-"))
     sampler_runs(root, args.samples)
-    generation_run(root, args.generate_images)
+    if args.generate_images:
+        generation_run(root, args.generate_images)
 
 
 if __name__ == "__main__":

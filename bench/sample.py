@@ -1,47 +1,69 @@
-"""Sampler read throughput, measured in one run (issue part 9).
+"""Sampler read throughput and shuffle quality, every reader measured side by side in one run (issue 11).
 
-Batches of 256 float32 [256, 3, 32, 32] images plus labels, one variant picked per
-image (clean or one of 7), from the same images stored five ways:
+Batches of 256 float32 [256, 3, 32, 32] images plus labels, one variant picked per image (clean or
+one of 7), from the same images laid out several ways:
 
-  in-memory      one uint8 array (N, V+1, 3, 32, 32), gathered in numpy: the upper bound
-  HDF5 map-style advpipe.sampler.mapstyle.make_loader over an HDF5 store (num_workers 0 and 2;
-                 also the compact uint8-precision store, 0 workers)
-  WDS streaming  advpipe.sampler.streaming.make_stream_loader over a WebDataset store (0 and 2)
-  PNG per file   the seed code's layout: one PNG per image per variant, read with PIL
+  in-memory          one uint8 array (N, V+1, 3, 32, 32), gathered and converted in numpy: the bound
+  in-memory, 2 w.    the same through a DataLoader with 2 workers (float32 batches cross processes):
+                     the bound for every 2-worker reader
+  HDF5 map-style     advpipe.sampler.mapstyle.make_loader over the float16 store (the default precision)
+                     and over a uint8-precision store; 0 and 2 workers
+  ... stored form    the same loader with stored_form=True: workers send uint8 + the stored delta and
+                     the consumer calls batch.decode() (here on the CPU; on a GPU after moving the batch)
+  WDS streaming      advpipe.sampler.streaming.make_stream_loader over the WebDataset conversion; 0 and 2
+  peer               LitData (`pip install -e ".[bench]"`): the 20,000 x 8 versions as uint8 items in its
+                     own chunked format, read by its StreamingDataLoader with shuffle=True, converted to
+                     float32 in the consumer as ours are; skipped with a note when litdata is missing
 
-Every reader gets one untimed epoch first (warm page cache; building a loader
-verifies its store, both hash every shard once). Then --repeats rounds each time every
-reader in turn for at least half a second; the best rate of each is reported, since
-the machine may be shared and load then falls on all readers alike.
+Every reader's line also reports its shuffle quality, from one untimed epoch: the mean number of
+distinct images per batch and the number of distinct images per epoch (N samples), since a loader
+can look fast by shuffling weakly. Every reader gets one untimed epoch first (page cache, lazy
+opens). Then --repeats rounds run every reader in turn for at least half a second each; the best
+rate of each is kept, since the machine may be shared and load then falls on all readers alike.
 
-    python bench/sample.py                         # 20,000 images, temporary directory
-    python bench/sample.py --images 4000 --dir /tmp/advpipe-bench   # reused if present
+    python bench/sample.py                          # 20,000 images, temporary directory
+    python bench/sample.py --images 4000 --dir /tmp/advpipe-bench   # stores reused if present
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from advpipe.config import SamplerConfig
-from advpipe.sampler.mapstyle import make_loader
-from advpipe.sampler.streaming import make_stream_loader
+from advpipe.sampler.mapstyle import StoreLoader, make_loader
+from advpipe.sampler.streaming import StreamLoader, make_stream_loader
 from advpipe.stores import SplitArrays, build_store, convert_store
 from advpipe.stores.codec import to_float
 
 SHAPE = (3, 32, 32)
-TARGETS = {"HDF5 map-style, 0 workers": ("in-memory", 0.5),
-           "HDF5 map-style, uint8 precision, 0 workers": ("in-memory", 0.5),
-           "WDS streaming, 0 workers": ("PNG", 3.0)}
+MEMORY, MEMORY_2 = "in-memory, 0 workers", "in-memory, 2 workers"
+PEER = "LitData (peer), 0 workers"
+# reader: (the reader it is compared with, the factor it must reach)
+TARGETS = {
+    "HDF5 map-style, uint8 store, 0 workers": (MEMORY, 0.8),
+    "HDF5 map-style, float16 store, 0 workers": (MEMORY, 0.5),
+    "WDS streaming, 0 workers": (MEMORY, 0.3),
+    "HDF5 map-style, float16 store, 2 workers": (MEMORY_2, 0.8),
+    "HDF5 map-style, float16 store, 2 workers, stored form + decode": (MEMORY_2, 0.8),
+    "WDS streaming, 2 workers": (MEMORY_2, 0.8),
+}
+PEER_FACTOR = 3.0
+OURS_VS_PEER = ("HDF5 map-style, float16 store, 0 workers", "WDS streaming, 0 workers")
+Run = Callable[[int, list | None], int]  # (epoch number, list to record batch indices in or None) -> samples
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,7 +73,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds over all readers (best kept)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the multi-process lines")
+    parser.add_argument("--no-peer", action="store_true", help="leave the peer library out")
+    parser.add_argument("--only", nargs="*", default=None, help="measure only readers whose name contains one of these")
     parser.add_argument("--dir", type=Path, help="work directory, kept and reused (default: a temporary one)")
+    parser.add_argument("--peer-child", nargs=2, metavar=("PATH", "WORKERS"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -66,27 +92,8 @@ def make_data(count: int, variants: int, seed: int = 0) -> SplitArrays:
                        source_fingerprint=f"bench-{count}-{variants}-{seed}")
 
 
-def build(workdir: Path, data: SplitArrays, shard_size: int) -> tuple[Path, Path, Path]:
-    """The HDF5 store, its WebDataset conversion and the PNG tree (each skipped if already complete)."""
-    h5, wds, png = workdir / "store-h5", workdir / "store-wds", workdir / "png"
-    if not (h5 / "manifest.json").exists():
-        timed(f"build HDF5 store ({len(data.images)} images)", lambda: build_store(
-            h5, {"train": data}, class_names=[str(c) for c in range(10)], backend="hdf5", shard_size=shard_size,
-            progress=False))
-    compact = workdir / "store-h5-uint8"
-    if not (compact / "manifest.json").exists():
-        timed("build HDF5 store, uint8 precision", lambda: build_store(
-            compact, {"train": data}, class_names=[str(c) for c in range(10)], backend="hdf5", precision="uint8",
-            shard_size=shard_size, progress=False))
-    if not (wds / "manifest.json").exists():
-        timed("convert to WebDataset", lambda: convert_store(h5, wds, "webdataset", progress=False))
-    if not (png / "complete").exists():
-        timed(f"write {len(data.images) * (len(data.variants) + 1)} PNG files", lambda: write_pngs(png, data))
-    return h5, wds, png
-
-
 def pixel_table(data: SplitArrays) -> np.ndarray:
-    """uint8 (N, V+1, C, H, W): clean first, then each variant rounded to uint8 (as the seed code kept them)."""
+    """uint8 (N, V+1, C, H, W): clean first, then each variant rounded to uint8."""
     table = np.empty((len(data.images), len(data.variants) + 1, *SHAPE), dtype=np.uint8)
     table[:, 0] = data.images
     for k, array in enumerate(data.variants.values(), start=1):
@@ -94,14 +101,18 @@ def pixel_table(data: SplitArrays) -> np.ndarray:
     return table
 
 
-def write_pngs(root: Path, data: SplitArrays) -> None:
-    table = pixel_table(data)
-    for variant in range(table.shape[1]):
-        folder = root / str(variant)
-        folder.mkdir(parents=True, exist_ok=True)
-        for index in range(len(table)):
-            Image.fromarray(table[index, variant].transpose(1, 2, 0)).save(folder / f"{index:06d}.png")
-    (root / "complete").write_text("ok\n")
+def build(workdir: Path, data: SplitArrays, shard_size: int) -> dict[str, Path]:
+    """The float16 and uint8 HDF5 stores and the WebDataset conversion (each skipped if already complete)."""
+    paths = {"h5": workdir / "store-h5", "h5-uint8": workdir / "store-h5-uint8", "wds": workdir / "store-wds"}
+    classes = [str(c) for c in range(10)]
+    for key, precision in (("h5", "float16"), ("h5-uint8", "uint8")):
+        if not (paths[key] / "manifest.json").exists():
+            timed(f"build HDF5 store, {precision} ({len(data.images)} images)", lambda p=precision, k=key: build_store(
+                paths[k], {"train": data}, class_names=classes, backend="hdf5", precision=p, shard_size=shard_size,
+                progress=False))
+    if not (paths["wds"] / "manifest.json").exists():
+        timed("convert to WebDataset", lambda: convert_store(paths["h5"], paths["wds"], "webdataset", progress=False))
+    return paths
 
 
 def timed(label: str, action: Callable[[], object]) -> None:
@@ -110,10 +121,10 @@ def timed(label: str, action: Callable[[], object]) -> None:
     print(f"  {label}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
-# readers: each returns a function that runs one epoch and returns how many samples it produced ------------
+# readers: each returns a Run -------------------------------------------------------------------------------
 
 
-def random_batches(count: int, variants: int, batch: int, epoch: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+def random_batches(count: int, variants: int, batch: int, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(epoch)
     order = rng.permutation(count)
     picks = rng.integers(0, variants + 1, count)
@@ -121,103 +132,297 @@ def random_batches(count: int, variants: int, batch: int, epoch: int) -> Iterabl
         yield order[start:start + batch], picks[order[start:start + batch]]
 
 
-def in_memory(table: np.ndarray, labels: np.ndarray, batch: int) -> Callable[[int], int]:
-    def epoch(number: int) -> int:
+def in_memory(table: np.ndarray, labels: np.ndarray, batch: int) -> Run:
+    def epoch(number: int, record: list | None) -> int:
         done = 0
         for index, variant in random_batches(len(table), table.shape[1] - 1, batch, number):
             x, _y = torch.from_numpy(to_float(table[index, variant])), torch.from_numpy(labels[index])
             done += len(x)
+            if record is not None:
+                record.append(index)
         return done
     return epoch
 
 
-def png_files(root: Path, labels: np.ndarray, variants: int, batch: int) -> Callable[[int], int]:
-    def epoch(number: int) -> int:
+class TableBatches(Dataset):
+    """The in-memory gather as a DataLoader dataset: one item is one batch of (index, variant) pairs."""
+
+    def __init__(self, table: np.ndarray, labels: np.ndarray) -> None:
+        self.table, self.labels = table, labels
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, pairs: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, variant = pairs
+        return (torch.from_numpy(to_float(self.table[index, variant])), torch.from_numpy(self.labels[index]),
+                torch.from_numpy(index))
+
+
+class EpochBatches:
+    """A batch sampler over `random_batches` whose epoch is set before each pass."""
+
+    def __init__(self, count: int, variants: int, batch: int) -> None:
+        self.count, self.variants, self.batch, self.epoch = count, variants, batch, 0
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return random_batches(self.count, self.variants, self.batch, self.epoch)
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch)
+
+
+def in_memory_workers(table: np.ndarray, labels: np.ndarray, batch: int, workers: int) -> Run:
+    batches = EpochBatches(len(table), table.shape[1] - 1, batch)
+    loader = DataLoader(TableBatches(table, labels), sampler=batches, batch_size=None, num_workers=workers,
+                        persistent_workers=True)
+
+    def epoch(number: int, record: list | None) -> int:
+        batches.epoch = number
         done = 0
-        for index, variant in random_batches(len(labels), variants, batch, number):
-            pixels = np.stack([np.asarray(Image.open(root / str(v) / f"{i:06d}.png")).transpose(2, 0, 1)
-                               for i, v in zip(index.tolist(), variant.tolist(), strict=True)])
-            x, _y = torch.from_numpy(to_float(pixels)), torch.from_numpy(labels[index])
+        for x, _y, index in loader:
             done += len(x)
+            if record is not None:
+                record.append(index.numpy())
         return done
     return epoch
 
 
-def loader_epochs(loader: Iterable[dict[str, torch.Tensor]]) -> Callable[[int], int]:
-    """One pass of a StoreLoader or StreamLoader is one epoch (each advances its own epoch)."""
-    def epoch(_: int) -> int:
-        return sum(len(batch["x"]) for batch in loader)
+def loader_epochs(loader: Iterable) -> Run:
+    """One pass of a StoreLoader or StreamLoader is one epoch (each advances its own epoch); stored-form
+    batches are decoded here, in the consumer, as a training loop would after moving them to its device."""
+    def epoch(_: int, record: list | None) -> int:
+        done = 0
+        for batch in loader:
+            x = batch.decode().x
+            done += len(x)
+            if record is not None:
+                record.append(batch.index.numpy())
+        return done
     return epoch
 
 
-def samples_per_second(run: Callable[[int], int], first_epoch: int, min_seconds: float = 0.5) -> float:
+def loader_stored_only(loader: Iterable) -> Run:
+    """A stored-form loader's batches, not decoded: the CPU's whole share of the work when a GPU decodes."""
+    def epoch(_: int, record: list | None) -> int:
+        done = 0
+        for batch in loader:
+            done += len(batch)
+            if record is not None:
+                record.append(batch.index.numpy())
+        return done
+    return epoch
+
+
+# the peer ---------------------------------------------------------------------------------------------------
+
+
+def litdata_items(block: tuple[int, int, str]) -> Iterator[dict]:
+    """optimize()'s fn: every version of the images in [start, stop), one item per (image, version)."""
+    start, stop, path = block
+    table = np.load(path, mmap_mode="r")
+    labels = np.load(path.replace("table.npy", "labels.npy"))
+    for index in range(start, stop):
+        for variant in range(table.shape[1]):
+            yield {"index": index, "variant": variant, "label": int(labels[index]),
+                   "x": np.ascontiguousarray(table[index, variant])}
+
+
+def build_litdata(workdir: Path, table: np.ndarray, labels: np.ndarray) -> Path | None:
+    try:
+        import litdata
+    except ImportError:
+        print("  peer: litdata is not installed (pip install -e '.[bench]'); its line is left out", flush=True)
+        return None
+    out = workdir / "litdata"
+    if not (out / "index.json").exists():
+        np.save(workdir / "table.npy", table)
+        np.save(workdir / "labels.npy", labels)
+        step = 1000
+        blocks = [(s, min(s + step, len(table)), str(workdir / "table.npy")) for s in range(0, len(table), step)]
+        timed("LitData optimize (its own chunked format)", lambda: litdata.optimize(
+            fn=litdata_items, inputs=blocks, output_dir=str(out), chunk_bytes="64MB", num_workers=1, verbose=False))
+    return out
+
+
+def litdata_reader(path: Path, batch: int, images: int, workers: int) -> Run:
+    """LitData's StreamingDataLoader with shuffle=True and a full in-chunk shuffle (its default window of 256
+    items puts a few dozen distinct images in a batch; batch_decode with a full window reads ~100 samples/s
+    here); an epoch is N samples, as in ours."""
+    import litdata
+
+    dataset = litdata.StreamingDataset(str(path), shuffle=True, seed=0, item_shuffle_window="full", batch_decode=False)
+    loader = litdata.StreamingDataLoader(dataset, batch_size=batch, num_workers=workers)
+    stream: Iterator = iter(())
+
+    def epoch(number: int, record: list | None) -> int:
+        nonlocal stream
+        done = 0
+        while done < images:
+            item = next(stream, None)
+            if item is None:
+                dataset.set_epoch(number + 1)
+                stream = iter(loader)
+                continue
+            x = torch.from_numpy(to_float(item["x"].numpy()))
+            done += len(x)
+            if record is not None:
+                record.append(item["index"].numpy())
+        return done
+    return epoch
+
+
+class PeerProcess:
+    """The peer measured in a child process per round: LitData's loader keeps background threads busy after
+    a pass, which would slow every reader measured after it in this process (by up to 50x with workers)."""
+
+    def __init__(self, args: argparse.Namespace, path: Path, workers: int) -> None:
+        self.command = [sys.executable, __file__, "--images", str(args.images), "--batch", str(args.batch),
+                        "--peer-child", str(path), str(workers)]
+
+    def measure(self) -> tuple[float, tuple[float, int]]:
+        done = subprocess.run(self.command, capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["rate"], (result["per_batch"], result["per_epoch"])
+
+
+def peer_child(args: argparse.Namespace) -> None:
+    """--peer-child PATH WORKERS: one warm epoch (the shuffle-quality sample), then a timed run; JSON on stdout."""
+    torch.set_num_threads(1)
+    run = litdata_reader(Path(args.peer_child[0]), args.batch, args.images, int(args.peer_child[1]))
+    recorded: list[np.ndarray] = []
+    run(0, recorded)
+    per_batch, per_epoch = shuffle_quality(recorded, args.images)
+    rate = samples_per_second(run, 1)
+    print(json.dumps({"rate": rate, "per_batch": per_batch, "per_epoch": per_epoch}), flush=True)
+    os._exit(0)  # LitData's background threads would otherwise hold the process open
+
+
+# measuring --------------------------------------------------------------------------------------------------
+
+
+def samples_per_second(run: Run, first_epoch: int, min_seconds: float = 0.5) -> float:
     """Run epochs until `min_seconds` have passed; samples/s over them."""
     start, samples, epoch = time.perf_counter(), 0, first_epoch
     while (elapsed := time.perf_counter() - start) < min_seconds or not samples:
-        samples += run(epoch)
+        samples += run(epoch, None)
         epoch += 1
     return samples / elapsed
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(1)
-    workdir = args.dir or Path(tempfile.mkdtemp(prefix="advpipe-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{args.images} images x {args.variants} variants of {SHAPE}, batches of {args.batch}, in {workdir}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
-    try:
-        data = make_data(args.images, args.variants)
-        h5, wds, png = build(workdir, data, args.shard_size)
-        results = measure(args, data, h5, wds, png)
-    finally:
-        if args.dir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    report(results)
-    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+def shuffle_quality(batches: list[np.ndarray], images: int) -> tuple[float, int]:
+    """(mean distinct images per batch, distinct images among the epoch's first `images` samples)."""
+    per_batch = float(np.mean([len(np.unique(b)) for b in batches]))
+    return per_batch, len(np.unique(np.concatenate(batches)[:images]))
 
 
-def measure(args: argparse.Namespace, data: SplitArrays, h5: Path, wds: Path, png: Path) -> dict[str, float]:
-    """Best samples/s of each reader over --repeats rounds; rounds visit every reader in turn, so load from
-    elsewhere on the machine falls on all of them alike. Loaders are built (and verify their store) untimed."""
+def builders(args: argparse.Namespace, table: np.ndarray, labels: np.ndarray, paths: dict[str, Path],
+             peer: Path | None) -> dict[str, Callable[[], Run]]:
     policy = SamplerConfig(ratio=args.variants / (args.variants + 1), seed=0)  # uniform over clean + variants
-    labels = np.asarray(data.labels, dtype=np.int64)
-    table = pixel_table(data)
-    builders: dict[str, Callable[[], Callable[[int], int]]] = {
-        "in-memory": lambda: in_memory(table, labels, args.batch),
-        "PNG": lambda: png_files(png, labels, args.variants, args.batch),
+    w = args.workers
+    h5, h5u8, wds = paths["h5"], paths["h5-uint8"], paths["wds"]
+
+    def mapstyle(path: Path, workers: int, stored: bool = False) -> StoreLoader:
+        return make_loader(path, "train", policy, batch_size=args.batch, num_workers=workers, verify="size",
+                           stored_form=stored, persistent_workers=True)
+
+    def stream(workers: int, stored: bool = False) -> StreamLoader:
+        return make_stream_loader(wds, sampler_config=policy, batch_size=args.batch, num_workers=workers,
+                                  verify="size", stored_form=stored)
+
+    readers: dict[str, Callable[[], Run]] = {
+        MEMORY: lambda: in_memory(table, labels, args.batch),
+        MEMORY_2.replace("2", str(w)): lambda: in_memory_workers(table, labels, args.batch, w),
+        "HDF5 map-style, uint8 store, 0 workers": lambda: loader_epochs(mapstyle(h5u8, 0)),
+        "HDF5 map-style, float16 store, 0 workers": lambda: loader_epochs(mapstyle(h5, 0)),
+        "HDF5 map-style, float16 store, 0 workers, stored form (GPU decodes)":
+            lambda: loader_stored_only(mapstyle(h5, 0, stored=True)),
+        "WDS streaming, 0 workers": lambda: loader_epochs(stream(0)),
+        f"HDF5 map-style, uint8 store, {w} workers": lambda: loader_epochs(mapstyle(h5u8, w)),
+        f"HDF5 map-style, float16 store, {w} workers": lambda: loader_epochs(mapstyle(h5, w)),
+        f"HDF5 map-style, float16 store, {w} workers, stored form + decode":
+            lambda: loader_epochs(mapstyle(h5, w, stored=True)),
+        f"HDF5 map-style, uint8 store, {w} workers, stored form + decode":
+            lambda: loader_epochs(mapstyle(h5u8, w, stored=True)),
+        f"WDS streaming, {w} workers": lambda: loader_epochs(stream(w)),
+        f"WDS streaming, {w} workers, stored form + decode": lambda: loader_epochs(stream(w, stored=True)),
     }
-    builders["HDF5 map-style, uint8 precision, 0 workers"] = lambda: loader_epochs(make_loader(
-        h5.parent / "store-h5-uint8", "train", policy, batch_size=args.batch, num_workers=0))
-    for workers in (0, 2):
-        builders[f"HDF5 map-style, {workers} workers"] = lambda w=workers: loader_epochs(make_loader(
-            h5, "train", policy, batch_size=args.batch, num_workers=w))
-        builders[f"WDS streaming, {workers} workers"] = lambda w=workers: loader_epochs(make_stream_loader(
-            wds, sampler_config=policy, batch_size=args.batch, num_workers=w))
-    readers = {}
-    for name, build_reader in builders.items():
+    if peer is not None:
+        readers[PEER] = lambda: PeerProcess(args, peer, 0)
+        readers[PEER.replace("0 workers", f"{w} workers")] = lambda: PeerProcess(args, peer, w)
+    if args.only:
+        readers = {k: v for k, v in readers.items() if k in (MEMORY, MEMORY_2) or any(o in k for o in args.only)}
+    return readers
+
+
+def measure(args: argparse.Namespace, table: np.ndarray, labels: np.ndarray, paths: dict[str, Path],
+            peer: Path | None) -> tuple[dict[str, float], dict[str, tuple[float, int]]]:
+    """Best samples/s of each reader over --repeats rounds, and its shuffle quality; rounds visit every reader in
+    turn, so load from elsewhere on the machine falls on all of them alike. Set-up and the first epoch are untimed."""
+    readers, quality = {}, {}
+    for name, build_reader in builders(args, table, labels, paths, peer).items():
         start = time.perf_counter()
         readers[name] = build_reader()
-        readers[name](0)  # warm: page cache, lazy opens
+        if isinstance(readers[name], PeerProcess):
+            continue
+        recorded: list[np.ndarray] = []
+        readers[name](0, recorded)  # warm: page cache, lazy opens; and the shuffle-quality sample
+        quality[name] = shuffle_quality(recorded, args.images)
         print(f"  {name}: set-up and one warm epoch {time.perf_counter() - start:.2f} s", flush=True)
     best = dict.fromkeys(readers, 0.0)
     for round_number in range(1, args.repeats + 1):
         for name, run in readers.items():
-            best[name] = max(best[name], samples_per_second(run, 100 * round_number))
-        print(f"  round {round_number}: " + ", ".join(f"{n} {v:,.0f}" for n, v in best.items()), flush=True)
-    return best
+            if isinstance(run, PeerProcess):
+                rate, quality[name] = run.measure()
+                best[name] = max(best[name], rate)
+            else:
+                best[name] = max(best[name], samples_per_second(run, 100 * round_number))
+        print(f"  round {round_number} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+    return best, quality
 
 
-def report(results: dict[str, float]) -> None:
-    memory, png = results["in-memory"], results["PNG"]
-    print(f"\n{'reader':40s} {'samples/s':>11s} {'x in-memory':>12s} {'x PNG':>8s}  target")
+def report(results: dict[str, float], quality: dict[str, tuple[float, int]], workers: int) -> None:
+    memory, memory_w = results[MEMORY], results.get(MEMORY_2.replace("2", str(workers)), float("nan"))
+    peer = results.get(PEER)
+    print(f"\n{'reader':66s} {'samples/s':>10s} {'x mem':>6s} {'x mem,' + str(workers) + 'w':>8s} "
+          f"{'x peer':>7s} {'img/batch':>9s} {'img/epoch':>9s}  target")
     for name, value in results.items():
         target = ""
-        if name in TARGETS:
-            base, factor = TARGETS[name]
-            ratio = value / (memory if base == "in-memory" else png)
-            target = f">= {factor} x {base}: {'met' if ratio >= factor else 'NOT met'}"
-        print(f"{name:40s} {value:11,.0f} {value / memory:12.3f} {value / png:8.2f}  {target}")
+        key = name.replace(f"{workers} workers", "2 workers")
+        if key in TARGETS:
+            base, factor = TARGETS[key]
+            ratio = value / results.get(base.replace("2", str(workers)), float("nan"))
+            target = f">= {factor} x {base.replace('2', str(workers))}: {'met' if ratio >= factor else 'NOT met'}"
+        if name in OURS_VS_PEER and peer:
+            verdict = "met" if value >= PEER_FACTOR * peer else "NOT met"
+            target += f"{'; ' if target else ''}>= {PEER_FACTOR} x peer: {verdict}"
+        per_batch, per_epoch = quality[name]
+        print(f"{name:66s} {value:10,.0f} {value / memory:6.3f} {value / memory_w:8.2f} "
+              f"{value / peer if peer else float('nan'):7.2f} {per_batch:9.1f} {per_epoch:9,d}  {target}")
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.peer_child:
+        peer_child(args)
+    torch.set_num_threads(1)
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="advpipe-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"{args.images} images x {args.variants} variants of {SHAPE}, batches of {args.batch}, in {workdir}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, torch threads 1", flush=True)
+    try:
+        data = make_data(args.images, args.variants)
+        paths = build(workdir, data, args.shard_size)
+        table, labels = pixel_table(data), np.asarray(data.labels, dtype=np.int64)
+        del data  # the float variants (7 x 4 bytes a pixel) would only weigh on every forked worker
+        peer = None if args.no_peer else build_litdata(workdir, table, labels)
+        results, quality = measure(args, table, labels, paths, peer)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report(results, quality, args.workers)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -173,8 +173,10 @@ class ShardData:
 class MappedArrays:
     """A shard whose clean images and single stacked array are plain numpy views (of its bytes, or in memory).
 
-    `flat` is the stacked array as (n * k, C, H, W), when that is a view numpy can `take` from
-    directly (contiguous and aligned); otherwise gathers index `variants` by (row, column).
+    `flat` is the stacked array's bytes as uint8 (n * k, bytes per image) when it is contiguous: one
+    np.take then gathers any mix of rows and variants. Bytes, because HDF5 does not align datasets
+    and numpy copies a whole unaligned array before taking from it. A strided array (a WebDataset
+    shard's records) has no flat view; gathers then index `variants` by (row, column).
     """
 
     clean: np.ndarray  # uint8 (n, C, H, W)
@@ -185,8 +187,9 @@ class MappedArrays:
     def of(cls, clean: object, variants: object) -> MappedArrays | None:
         if not (isinstance(clean, np.ndarray) and isinstance(variants, np.ndarray)):
             return None
-        contiguous = variants.flags.c_contiguous and variants.flags.aligned
-        return cls(clean, variants, variants.reshape(-1, *variants.shape[2:]) if contiguous else None)
+        rows = variants.shape[0] * variants.shape[1]
+        flat = variants.reshape(rows, -1).view(np.uint8) if variants.flags.c_contiguous else None
+        return cls(clean, variants, flat)
 
 
 class ShardReader(ABC):

@@ -266,7 +266,7 @@ def _run_epoch(state: RunState, optim: OptimConfig, device: torch.device, amp: b
         state.data_wait += time.perf_counter() - asked  # time the step waits for the loader
         if raw is None:
             break
-        batch = raw.to(device, non_blocking=True)
+        batch = raw.to(device, non_blocking=True).decode()  # a stored-form batch is decoded on the device
         if augment:
             batch = scenario_a(batch, seed, state.global_step)
         ctx = StepContext(state.epoch, optim.epochs, state.step_in_epoch, state.global_step, device, optimizer)
@@ -331,7 +331,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | s
     correct = total = 0
     try:
         for raw in loader:
-            batch = raw.to(device, non_blocking=True)
+            batch = raw.to(device, non_blocking=True).decode()
             correct += int((predict(batch.x).argmax(dim=1) == batch.y).sum())
             total += len(batch)
     finally:

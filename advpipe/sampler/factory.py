@@ -33,7 +33,7 @@ def open_loader(location: str | os.PathLike, split: str = "train", sampler_confi
     """A loader over one split of the store at `location`; every store and policy problem is raised here.
 
     batch_size defaults to the sampler config's; rank and world_size to torch.distributed's. `options`
-    go to the chosen loader (map-style: persistent_workers, verify; streaming: shuffle_buffer, verify,
+    go to the chosen loader (map-style: persistent_workers, verify, cache; streaming: shuffle_buffer, verify,
     prefetch).
     """
     config = sampler_config or SamplerConfig()

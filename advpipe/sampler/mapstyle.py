@@ -9,9 +9,12 @@
 
 Three pieces, so that every random choice happens in the main process and reading in the workers:
 - `VariantBatchSampler` decides, per epoch, the order of the images and the variant of each, as a pure
-  function of (seed, epoch, batch): the sequence cannot depend on num_workers or on prefetching.
-- `StoreDataset.__getitem__` receives a whole batch of (index, variant) pairs and does one batched
-  `SplitReader.read` (grouped by shard and variant, rows sorted); shards open lazily in each worker.
+  function of (seed, epoch, batch), drawn for the whole epoch in a few array operations: the sequence
+  cannot depend on num_workers or on prefetching.
+- `StoreDataset.__getitem__` receives a whole batch of (index, variant) pairs as one (B, 2) array and does
+  one batched `SplitReader.read_stored` (a few gathers per shard, no per-sample Python) and one fused
+  decode, or hands on the stored form (stored_form=True) for `Batch.decode` on the device; shards open
+  lazily in each worker.
 - `StoreLoader` wraps the DataLoader and counts the batches its consumer has received (not what workers
   prefetched), so `state_dict()` resumes mid-epoch exactly, in this process or another.
 """
@@ -25,20 +28,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from advpipe.batch import Batch
+from advpipe.batch import Batch, StoredPixels
 from advpipe.config import SamplerConfig
 from advpipe.errors import SamplerError
 from advpipe.sampler.loader import EpochLoader
 from advpipe.sampler.policy import Policy, scenario_variants, uniforms
+from advpipe.stores import codec
 from advpipe.stores.backends import backend
+from advpipe.stores.cache import ShardCache
 from advpipe.stores.store import SplitReader, Store, Verify, open_store
+from advpipe.urls import is_remote
 
 log = logging.getLogger(__name__)
 
 SHUFFLE = 1002  # stream tag of the per-epoch permutation (policy.py uses 1000 and 1001)
-Pairs = list[tuple[int, int]]  # one batch as (sample index, variant id) pairs
 
 
 def distributed_layout(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -51,8 +56,8 @@ def distributed_layout(rank: int | None, world_size: int | None) -> tuple[int, i
     return rank, world_size
 
 
-class VariantBatchSampler(Sampler[Pairs]):
-    """Yields each batch as a list of (sample index, variant id) pairs; variant 0 is clean.
+class VariantBatchSampler(Sampler[np.ndarray]):
+    """Yields each batch as an int64 (B, 2) array of (sample index, variant id) pairs; variant 0 is clean.
 
     Per epoch the split's indices are permuted (seeded by seed and epoch), dealt to ranks round-robin
     (padded by wrapping, or truncated with drop_last, so every rank gets the same number of batches, as
@@ -112,23 +117,30 @@ class VariantBatchSampler(Sampler[Pairs]):
         positions = np.arange(self.rank, self.per_rank * self.world_size, self.world_size)
         return positions, order[positions % n] if n else positions
 
-    def choose(self, epoch: int, batch: int, positions: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """Variant ids for one batch: a pure function of (seed, epoch, batch, positions)."""
+    def choose(self, epoch: int, batch: int | np.ndarray, positions: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Variant ids: a pure function of (seed, epoch, batch, positions); `batch` may be one per position."""
         failed = None if self.failed is None else self.failed[indices]
         return self.policy.choose(epoch, positions, batch=batch, failed=failed)
 
-    def __iter__(self) -> Iterator[Pairs]:
-        """The current epoch from the skip point; the skip is cleared only when the epoch runs to its end.
+    def epoch_pairs(self, epoch: int) -> np.ndarray:
+        """Int64 (samples, 2): every (index, variant) pair this rank reads in `epoch`, batch after batch.
 
-        (A DataLoader may call iter() twice and use the second iterator, so starting one must not
-        consume the skip.)
+        Drawn for the whole epoch in a few array operations: the same draws as batch by batch.
+        """
+        positions, indices = self.epoch_order(epoch)
+        variants = self.choose(epoch, np.arange(len(positions)) // self.batch_size, positions, indices)
+        return np.stack([indices, variants], axis=1)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Each batch of the current epoch from the skip point, as an int64 (B, 2) array of (index, variant).
+
+        The skip is cleared only when the epoch runs to its end (a DataLoader may call iter() twice and
+        use the second iterator, so starting one must not consume the skip).
         """
         epoch, start = self.epoch, self._start
-        positions, indices = self.epoch_order(epoch)
+        pairs = self.epoch_pairs(epoch)
         for batch in range(start, len(self)):
-            window = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-            variants = self.choose(epoch, batch, positions[window], indices[window])
-            yield list(zip(indices[window].tolist(), variants.tolist(), strict=True))
+            yield pairs[batch * self.batch_size:(batch + 1) * self.batch_size]
         self._start = 0
 
     # resumption --------------------------------------------------------------------------------
@@ -140,24 +152,42 @@ class VariantBatchSampler(Sampler[Pairs]):
 
 
 class StoreDataset(Dataset):
-    """One item is one batch: `dataset[[(index, variant), ...]]` -> a `Batch`, read in one gather.
+    """One item is one batch: `dataset[pairs]` -> a `Batch`, read in one gather (pairs: (B, 2) index, variant).
 
     With pair_clean the batch also holds x_clean (the same images' clean twins, for paired methods).
+    With stored_form the batch holds the images as stored (`Batch.stored`: uint8 clean and the chosen
+    variant's stored form) instead of x: workers then move a quarter (uint8 stores) to three quarters
+    (float16 stores) of the bytes, and the consumer calls `batch.decode()`, best after moving the batch
+    to its GPU, so that the CPU does no float work at all.
     """
 
-    def __init__(self, reader: SplitReader, labels: np.ndarray, pair_clean: bool = False) -> None:
+    def __init__(self, reader: SplitReader, labels: np.ndarray, pair_clean: bool = False,
+                 stored_form: bool = False) -> None:
         self.reader = reader
         self.labels = np.asarray(labels, dtype=np.int64)
         self.pair_clean = pair_clean
+        self.stored_form = stored_form
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, batch: Sequence[tuple[int, int]]) -> Batch:
+    def __getitem__(self, batch: Sequence[tuple[int, int]] | np.ndarray) -> Batch:
         pairs = np.asarray(batch, dtype=np.int64).reshape(-1, 2)
         indices, variants = pairs[:, 0], pairs[:, 1]
-        item = {"y": torch.from_numpy(self.labels[indices]), "variant": torch.from_numpy(variants),
-                "index": torch.from_numpy(indices)}
+        item = {"y": torch.from_numpy(self.labels[indices]), "variant": torch.from_numpy(variants.copy()),
+                "index": torch.from_numpy(indices.copy())}
+        if not isinstance(self.reader, SplitReader):  # e.g. in-memory source images: float reads only
+            return self._read_floats(indices, variants, item)
+        rows = self.reader.read_stored(indices, variants, clean=self.pair_clean)
+        if self.stored_form:
+            return Batch(x=None, stored=StoredPixels.of(rows, self.pair_clean), **item)
+        x = rows.decode(out=output_buffer(rows.stored.shape))
+        x_clean = codec.to_float(rows.clean, output_buffer(rows.clean.shape)) if self.pair_clean else None
+        return Batch(x=torch.from_numpy(x), x_clean=None if x_clean is None else torch.from_numpy(x_clean), **item)
+
+    def _read_floats(self, indices: np.ndarray, variants: np.ndarray, item: dict[str, torch.Tensor]) -> Batch:
+        if self.stored_form:
+            raise SamplerError("stored_form needs a store's SplitReader; this dataset reads decoded images")
         if not self.pair_clean:
             return Batch(x=torch.from_numpy(self.reader.read(indices, variants)), **item)
         clean = self.reader.read(indices, 0)
@@ -166,6 +196,18 @@ class StoreDataset(Dataset):
         if adversarial.any():
             x[adversarial] = self.reader.read(indices[adversarial], variants[adversarial])
         return Batch(x=torch.from_numpy(x), x_clean=torch.from_numpy(clean), **item)
+
+
+def output_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 buffer for a decoded batch: in a DataLoader worker, already in shared memory.
+
+    A worker's batch reaches the main process through shared memory; a tensor allocated elsewhere is
+    copied there when it is sent, a tensor created in it is sent as a handle. Decoding straight into
+    shared memory saves that copy of every float32 batch.
+    """
+    if get_worker_info() is None:
+        return np.empty(shape, np.float32)
+    return torch.empty(shape, dtype=torch.float32).share_memory_().numpy()
 
 
 class StoreLoader(EpochLoader):
@@ -182,6 +224,7 @@ class StoreLoader(EpochLoader):
         self.dataloader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
                                      persistent_workers=persistent_workers and num_workers > 0,
                                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+        self.pin_memory = pin_memory and torch.cuda.is_available()  # as DataLoader does
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -192,13 +235,30 @@ class StoreLoader(EpochLoader):
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch)
         self.sampler.skip(skip)
-        yield from self.dataloader
+        if self.dataloader.num_workers:
+            yield from self.dataloader
+            return
+        for pairs in self.sampler:  # in this process: the same batches without the DataLoader's per-batch work
+            batch = self.dataset[pairs]
+            yield batch.pin_memory() if self.pin_memory else batch
+
+    def metrics(self) -> dict[str, float]:
+        """The sampler's counts, plus the store's shard cache hits, misses and bytes fetched (all workers)."""
+        source = getattr(self.dataset.reader, "source", None)  # a source split (ArrayReader) has none
+        return {**super().metrics(), **(source.metrics() if source is not None else {})}
 
 
 def resolve_store(store: Store | str | Path, verify: Verify = "checksum",
-                  storage_options: dict[str, Any] | None = None) -> Store:
-    """An open Store as given, or open the path or URL (manifest and shard sizes are checked now)."""
-    return store if isinstance(store, Store) else open_store(store, verify, storage_options)
+                  storage_options: dict[str, Any] | None = None, cache: ShardCache | str | None = "auto") -> Store:
+    """An open Store as given, or open the path or URL (manifest and shard sizes are checked now).
+
+    cache='auto': a remote store's shards go through the default local shard cache (ShardCache.default).
+    """
+    if isinstance(store, Store):
+        return store
+    if cache == "auto":
+        cache = ShardCache.default() if is_remote(store) else None
+    return open_store(store, verify, storage_options, cache)
 
 
 def build_sampler(store: Store, split: str, sampler_config: SamplerConfig, *, batch_size: int | None = None,
@@ -238,19 +298,24 @@ def make_loader(store: Store | str | Path, split: str, sampler_config: SamplerCo
                 batch_size: int | None = None, num_workers: int = 0, persistent_workers: bool = False,
                 pin_memory: bool = False, shuffle: bool = True, drop_last: bool = False, rank: int | None = None,
                 world_size: int | None = None, pair_clean: bool | None = None,
-                verify: Verify = "checksum", storage_options: dict[str, Any] | None = None) -> StoreLoader:
+                verify: Verify = "checksum", storage_options: dict[str, Any] | None = None,
+                cache: ShardCache | str | None = "auto", stored_form: bool | None = None) -> StoreLoader:
     """A StoreLoader over one split; every config, policy and store problem is raised here.
 
-    batch_size and pair_clean default to the config's; rank and world_size to torch.distributed's.
-    `verify` applies when a path is given (an open Store keeps the verification it was opened with).
+    batch_size, pair_clean and stored_form default to the config's; rank and world_size to torch.distributed's.
+    With stored_form each batch holds the stored form (`Batch.stored`) until `batch.decode()`.
+    `verify` and `cache` apply when a path is given (an open Store keeps what it was opened with): a remote
+    store is read through a local shard cache, `cache` or by default ShardCache.default(); None fetches
+    every shard into each process's memory instead.
     """
-    store = resolve_store(store, verify, storage_options)
+    store = resolve_store(store, verify, storage_options, cache)
     sampler = build_sampler(store, split, sampler_config, batch_size=batch_size, shuffle=shuffle,
                             drop_last=drop_last, rank=rank, world_size=world_size)
     if backend(store.manifest.backend).streamable:
         log.info("%s is a %s store: map-style reading holds whole shards in memory per worker; "
                  "streaming reads it in order", store.path, store.manifest.backend)
     pair = sampler_config.pair_clean if pair_clean is None else pair_clean
-    dataset = StoreDataset(worker_reader(store, split), store.split(split).labels, pair_clean=pair)
+    stored = sampler_config.stored_form if stored_form is None else stored_form
+    dataset = StoreDataset(worker_reader(store, split), store.split(split).labels, pair_clean=pair, stored_form=stored)
     return StoreLoader(dataset, sampler, store.variants, num_workers=num_workers,
                        persistent_workers=persistent_workers, pin_memory=pin_memory)

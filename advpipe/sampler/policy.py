@@ -126,19 +126,20 @@ class Policy:
             return np.zeros(len(self.names)), np.ones(len(self.names))
         return np.clip(self.centres - 0.5, 0.0, 1.0), np.clip(self.centres + 0.5, 0.0, 1.0)
 
-    def choose(self, epoch: int, positions: np.ndarray, batch: int = 0,
+    def choose(self, epoch: int, positions: np.ndarray, batch: int | np.ndarray = 0,
                failed: np.ndarray | None = None) -> np.ndarray:
         """Variant id (0 = clean) for the images drawn at these epoch positions.
 
-        `batch` is the resampling point when redraw='batch'. `failed` (len(positions), V+1) bool
-        marks variants whose generation failed for an image; that image's draw is then made
+        `batch` is the resampling point when redraw='batch': one number, or one per position, so
+        that a whole epoch is drawn in one call (each draw the same as batch by batch). `failed`
+        (len(positions), V+1) bool marks variants whose generation failed for an image; that image's draw is then made
         among its remaining variants, or is clean if none remain.
         """
         positions = np.asarray(positions, dtype=np.int64)
         if not self.names or not len(positions):
             return np.zeros(len(positions), dtype=np.int64)
-        points = {"epoch": np.zeros_like(positions), "batch": np.full_like(positions, batch),
-                  "sample": positions}[self.redraw]
+        points = {"epoch": lambda: np.zeros_like(positions), "sample": lambda: positions,
+                  "batch": lambda: np.broadcast_to(np.asarray(batch, dtype=np.int64), positions.shape)}[self.redraw]()
         unique, inverse = np.unique(points, return_inverse=True)
         ratio, probabilities = self.draw(epoch, unique)
         ratio, probabilities = ratio[inverse], probabilities[inverse]

@@ -46,16 +46,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from advpipe.batch import Batch
+from advpipe.batch import Batch, StoredPixels
 from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, SamplerError, StoreError
 from advpipe.sampler.loader import EpochLoader
-from advpipe.sampler.mapstyle import distributed_layout
+from advpipe.sampler.mapstyle import distributed_layout, output_buffer
 from advpipe.sampler.policy import Policy, scenario_variants
 from advpipe.stores import codec
 from advpipe.stores.backends import backend
 from advpipe.stores.manifest import ShardRecord
 from advpipe.stores.source import ShardSource
+from advpipe.stores.store import StoredRows
 from advpipe.stores.wds import ShardColumns, TarParser
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class StreamingVariantDataset(IterableDataset):
                  batch_size: int | None = None, shuffle: bool = True, shuffle_buffer: int = 1024,
                  rank: int | None = None, world_size: int | None = None, pair_clean: bool | None = None,
                  drop_last: bool = False, verify: Verify = "checksum", prefetch: int = 1,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, stored_form: bool | None = None) -> None:
         super().__init__()
         self.sampler = sampler or SamplerConfig()
         self.source = ShardSource(str(location), storage_options or {}, verify)
@@ -102,6 +103,7 @@ class StreamingVariantDataset(IterableDataset):
         self.batch_size, self.drop_last = batch_size, drop_last
         self.shuffle, self.shuffle_buffer = shuffle, max(0, shuffle_buffer) if shuffle else 0
         self.pair_clean = self.sampler.pair_clean if pair_clean is None else pair_clean
+        self.stored_form = self.sampler.stored_form if stored_form is None else stored_form
         self.prefetch = max(0, prefetch)
         self.epoch = 0
 
@@ -143,7 +145,7 @@ class StreamingVariantDataset(IterableDataset):
         chunks = fit_count(chunks, target, max(0, target - natural))
         if self.batch_size is None:
             for chunk in chunks:
-                tensors = self._batch(chunk).tensors()
+                tensors = self._batch(chunk).decode().tensors()
                 tensors["is_adv"] = tensors["variant"] > 0
                 for row in range(len(chunk["index"])):
                     yield {key: value[row] for key, value in tensors.items()}
@@ -226,14 +228,17 @@ class StreamingVariantDataset(IterableDataset):
         return variants
 
     def _batch(self, samples: Samples) -> Batch:
-        """Decode a chunk or batch in one vectorised step (clean picks hold the identity of the codec)."""
-        return Batch(
-            x=torch.from_numpy(codec.decode(samples["clean"], samples["stored"], self.manifest.precision)),
-            y=torch.from_numpy(samples["label"]),
-            variant=torch.from_numpy(samples["variant"]),
-            index=torch.from_numpy(samples["index"]),
-            x_clean=torch.from_numpy(codec.to_float(samples["clean"])) if self.pair_clean else None,
-        )
+        """Decode a chunk or batch in one fused step (clean picks hold the identity of the codec), or, with
+        stored_form, hand on the stored form for `Batch.decode` on the device."""
+        item = {"y": torch.from_numpy(samples["label"]), "variant": torch.from_numpy(samples["variant"]),
+                "index": torch.from_numpy(samples["index"])}
+        precision = self.manifest.precision
+        if self.stored_form:
+            rows = StoredRows(samples["stored"], samples["clean"], precision)
+            return Batch(x=None, stored=StoredPixels.of(rows, self.pair_clean), **item)
+        x = codec.decode(samples["clean"], samples["stored"], precision, output_buffer(samples["clean"].shape))
+        x_clean = codec.to_float(samples["clean"], output_buffer(samples["clean"].shape)) if self.pair_clean else None
+        return Batch(x=torch.from_numpy(x), x_clean=None if x_clean is None else torch.from_numpy(x_clean), **item)
 
 
 @dataclass
@@ -404,6 +409,10 @@ class StreamLoader(EpochLoader):
         for index, batch in enumerate(self.dataloader):
             if index >= skip:
                 yield batch
+
+    def metrics(self) -> dict[str, float]:
+        """The sampler's counts, plus the store's bytes fetched (all workers; streaming uses no shard cache)."""
+        return {**super().metrics(), **self.dataset.source.metrics()}
 
 
 def make_stream_loader(location: str | os.PathLike, split: str = "train", sampler_config: SamplerConfig | None = None,
