@@ -123,6 +123,7 @@ def slurm_cluster(slurm: SlurmConfig):
         memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=slurm.job_extra_directives,
         job_script_prologue=slurm.job_script_prologue, local_directory=slurm.local_directory,
         python=slurm.python or sys.executable, interface=slurm.interface, log_directory=slurm.log_directory,
+        scheduler_options={"dashboard_address": ":0"},  # a free port, as for a LocalCluster; the log names it
     )
 
 
