@@ -70,8 +70,8 @@ def variant_accuracy(model: nn.Module, store: Store, split: str = "test", *, dev
         for name in store.variants:
             only = SamplerConfig(ratio=(0.0, 0.0)) if name == "clean" else \
                 SamplerConfig(ratio=(1.0, 1.0), weights={name: 1.0})
-            loader = open_loader(store.path, split, only, reader="map", batch_size=batch_size, shuffle=False,
-                                 rank=0, world_size=1)
+            loader = open_loader(store.source.location, split, only, reader="map", batch_size=batch_size,
+                                 shuffle=False, rank=0, world_size=1, storage_options=store.source.storage_options)
             result[name] = loader_accuracy(model, loader, device, predict=predict)
     finally:
         loader_log.setLevel(level)

@@ -84,10 +84,12 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
     model = build_model(arch, context.num_classes, context.input_shape)
     attacks = store.manifest.variants_of_kind("attack")
     sampler = method.sampler_config(entry.data or method.default_data, config.sampler, attacks)
-    train_loader = open_loader(store.path, "train", sampler, batch_size=config.train.batch_size,
-                               num_workers=config.train.num_workers)
-    eval_loader = (open_loader(store.path, "test", CLEAN_ONLY, batch_size=config.train.eval_batch_size,
-                               shuffle=False, rank=0, world_size=1) if "test" in store.manifest.splits else None)
+    where = {"location": store.source.location, "storage_options": store.source.storage_options}
+    train_loader = open_loader(split="train", sampler_config=sampler, batch_size=config.train.batch_size,
+                               num_workers=config.train.num_workers, **where)
+    eval_loader = (open_loader(split="test", sampler_config=CLEAN_ONLY, batch_size=config.train.eval_batch_size,
+                               shuffle=False, rank=0, world_size=1, **where)
+                   if "test" in store.manifest.splits else None)
     writer = MetricsWriter(run_dir, config.train.tensorboard) if distributed.is_main() else None
     resumed = resume and (run_dir / STATE_FILE).is_file()
     if writer is not None and not resumed:
