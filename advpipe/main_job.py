@@ -15,11 +15,13 @@ only), an evaluation by the fingerprints of the model and store it measured.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from advpipe.config import Config
+from advpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ def run_main_job(config: Config, options: JobOptions, say: Callable[[str], None]
     from advpipe.stores import verify_store
     from advpipe.trainers.clean import source_model_is_current, train_source
 
+    check_outputs(config)
     if source_model_is_current(config):
         say(f"[1/{STEPS}] source model {config.model.checkpoint} is up to date")
     else:
@@ -60,6 +63,51 @@ def run_main_job(config: Config, options: JobOptions, say: Callable[[str], None]
     evaluations = evaluate_runs(config, run_dirs, options, say)
     say(write_comparison(config, evaluations, say))
     return 0
+
+
+def output_paths(config: Config) -> tuple[Path, dict[str, Path]]:
+    """What the job writes: the source model file, and the local folders (store, one per method, the report)."""
+    base = config.train.runs_dir / config.name
+    store = config.store.path  # a URL (a str) is written by its object store, not checked here
+    folders = {"store.path": store} if isinstance(store, Path) else {}
+    folders.update({f"the run folder of method '{name}'": base / name for name in config.methods})
+    folders["the report folder"] = base / "report"
+    return Path(config.model.checkpoint), folders
+
+
+def check_outputs(config: Config) -> None:
+    """Refuse, before hours of training, outputs that cannot be written or that would clobber each other.
+
+    Each must be absent or of its kind (a file for the checkpoint, folders for the rest) and lie below a
+    writable folder; no folder may hold another output, since a folder is cleared when it is redone (a
+    checkpoint inside the store would be deleted by `--force`, a method named `report` would share a folder).
+    """
+    checkpoint, folders = output_paths(config)
+    _check_writable(checkpoint, "model.checkpoint", want_dir=False)
+    for what, folder in folders.items():
+        _check_writable(folder, what, want_dir=True)
+    resolved = {what: folder.resolve() for what, folder in folders.items()}
+    for what, folder in resolved.items():
+        if checkpoint.resolve().is_relative_to(folder):
+            raise ConfigError(f"model.checkpoint {checkpoint} lies inside {what} ({folders[what]}), which is "
+                              "cleared when it is redone; move one of them")
+        for other, place in resolved.items():
+            if other != what and place.is_relative_to(folder):
+                raise ConfigError(f"{other} ({folders[other]}) lies inside {what} ({folders[what]}); each "
+                                  "output needs a folder of its own (rename the method or move store.path)")
+
+
+def _check_writable(path: Path, what: str, want_dir: bool) -> None:
+    """An existing output must be of its kind (an up-to-date one may be read-only); a new one creatable."""
+    if path.exists():
+        if path.is_dir() != want_dir:
+            kind = "a folder" if want_dir else "a file"
+            raise ConfigError(f"{what} {path} exists but is not {kind}; choose another path or remove it")
+        return
+    folder = next((parent for parent in path.resolve().parents if parent.exists()), Path("/"))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be written ({folder} is not a writable folder); choose another "
+                          "path")
 
 
 def train_methods(config: Config, options: JobOptions, say: Callable[[str], None]) -> dict[str, Path]:

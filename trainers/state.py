@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advpipe.errors import TrainingError
+from advpipe.errors import SHOWN_CHARS, TrainingError, shorten
 from advpipe.io import atomic_path
 from advpipe.trainers.metrics import EpochSums
 
@@ -76,10 +76,25 @@ def load_run_state(path: Path, state: RunState, device: torch.device) -> None:
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # a damaged file fails inside torch's unpickler in many ways
-        raise TrainingError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc}); "
+        raise TrainingError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: "
+                            f"{shorten((str(exc).splitlines() or [''])[0], 2 * SHOWN_CHARS)}); "
                             "start again without --resume, or restore the file") from None
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not an advpipe training checkpoint ({STATE_FORMAT})")
+    try:
+        _restore(payload, state, path)
+    except TrainingError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        # a damaged or edited file: a missing part, JSON nested past the stack (RecursionError is a
+        # RuntimeError), tensors of another shape
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else shorten(
+            (str(exc).splitlines() or [type(exc).__name__])[0], 2 * SHOWN_CHARS)
+        raise TrainingError(f"{path}: training checkpoint is damaged or does not fit this run ({type(exc).__name__}: "
+                            f"{problem}); start again without --resume, or restore the file") from None
+
+
+def _restore(payload: dict[str, Any], state: RunState, path: Path) -> None:
     position = json.loads(payload["position"])
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])

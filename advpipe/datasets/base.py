@@ -7,6 +7,7 @@ checks here, so that a bad label or an empty folder gets the same clear message
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,20 @@ from typing import Any
 import numpy as np
 
 from advpipe.config import SourceConfig
-from advpipe.errors import DataError
+from advpipe.errors import DataError, shown
+
+#: the most bytes one array of a source may take once decoded (images or labels): CIFAR-100's training
+#: images take 150 MB, MNIST's 47 MB; a header claiming more is refused before anything is allocated
+MAX_SOURCE_BYTES = 4 << 30
+#: the most classes a source may name (ImageNet-21k has 21,841)
+MAX_CLASSES = 100_000
+
+
+def check_size(nbytes: int, origin: str | Path, what: str) -> None:
+    """Refuse, before allocating, an array of `nbytes` bytes beyond MAX_SOURCE_BYTES; `what` says whose."""
+    if nbytes > MAX_SOURCE_BYTES:
+        raise DataError(f"{origin}: {what}, {nbytes / 2**30:.3g} GiB once decoded, more than the "
+                        f"{MAX_SOURCE_BYTES >> 30} GiB a source array may take; is this the right file?")
 
 
 @dataclass(frozen=True)
@@ -54,11 +68,14 @@ class RawSource:
 def check_class_names(names: Sequence[str], origin: str) -> None:
     if not names:
         raise DataError(f"{origin}: no class names; the source must define at least one class")
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{origin}: {len(names)} class names, more than the {MAX_CLASSES} a source may have; "
+                        "is this the right file?")
     if not all(isinstance(name, str) for name in names):
-        raise DataError(f"{origin}: class names must be strings, got {list(names)!r}")
+        raise DataError(f"{origin}: class names must be strings, got {shown(list(names))}")
     if len(set(names)) != len(names):
-        dupes = sorted({name for name in names if list(names).count(name) > 1})
-        raise DataError(f"{origin}: duplicate class names {dupes}; each class needs its own name")
+        dupes = sorted(name for name, count in Counter(names).items() if count > 1)
+        raise DataError(f"{origin}: duplicate class names {shown(dupes)}; each class needs its own name")
 
 
 def check_part(part: Part, num_classes: int) -> None:

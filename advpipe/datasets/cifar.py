@@ -19,10 +19,17 @@ import numpy as np
 from advpipe.config import SourceConfig
 from advpipe.datasets.base import Part, RawSource, as_labels, check_part, concat_parts, source_path
 from advpipe.datasets.safe_pickle import safe_loads
-from advpipe.errors import DataError
+from advpipe.errors import DataError, shorten, shown
 
 SIDE = 32
 ROW = 3 * SIDE * SIDE  # one image, channel-first: 1024 red, 1024 green, 1024 blue
+#: the largest batch file read (CIFAR-100's `train` is 155 MB, a CIFAR-10 batch 31 MB)
+MAX_BATCH_BYTES = 512 << 20
+#: members an archive may list (the official ones have 8); tarfile keeps every member's header in memory
+MAX_MEMBERS = 1000
+#: bytes all members of an archive may declare together (the official ones unpack to 178 MB): skipping a
+#: member still decompresses it, so a small .tar.gz of huge members would take minutes to scan
+MAX_ARCHIVE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,16 @@ def read_folder(path: Path, layout: Layout) -> Blobs:
                 f"{file}: not found; source.path must be the python-version {layout.folder} "
                 "folder (or its parent, or the downloaded .tar.gz)"
             )
+        check_batch_size(file.stat().st_size, str(file))
         blobs[name] = (str(file), file.read_bytes())
     return blobs
+
+
+def check_batch_size(size: int, origin: str) -> None:
+    """Refuse, before reading it, a batch larger than any CIFAR batch is."""
+    if size > MAX_BATCH_BYTES:
+        raise DataError(f"{origin}: {size / 2**20:.0f} MiB, larger than the {MAX_BATCH_BYTES >> 20} MiB any "
+                        "CIFAR batch takes; is this the python-version CIFAR?")
 
 
 def read_archive(archive: Path, layout: Layout) -> Blobs:
@@ -96,10 +111,16 @@ def read_archive(archive: Path, layout: Layout) -> Blobs:
     blobs: Blobs = {}
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for info in tar:
+            declared = 0
+            for count, info in enumerate(tar, 1):
                 check_member(archive, info)
+                declared += info.size
+                if count > MAX_MEMBERS or declared > MAX_ARCHIVE_BYTES:
+                    raise DataError(f"{archive}: more than {MAX_MEMBERS} members or {MAX_ARCHIVE_BYTES >> 30} GiB "
+                                    "unpacked; a CIFAR archive holds 8 members and 178 MB, is this the right file?")
                 name = _wanted(info.name, layout)
                 if name is not None and info.isfile():
+                    check_batch_size(info.size, f"{archive}:{info.name}")
                     handle = tar.extractfile(info)
                     assert handle is not None  # regular files always have one
                     blobs[name] = (f"{archive}:{info.name}", handle.read())
@@ -125,7 +146,7 @@ def check_member(archive: Path, info: tarfile.TarInfo) -> None:
         problem = "is not a regular file or folder"
     else:
         return
-    raise DataError(f"{archive}: member '{info.name}' {problem}; refusing the archive")
+    raise DataError(f"{archive}: member '{shorten(info.name)}' {problem}; refusing the archive")
 
 
 def _wanted(member: str, layout: Layout) -> str | None:
@@ -165,7 +186,7 @@ def _field(batch: Any, key: str, origin: str) -> Any:
         if candidate in batch:
             return batch[candidate]
     keys = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
-    raise DataError(f"{origin}: no '{key}' entry (keys: {keys}); is this the python-version CIFAR?")
+    raise DataError(f"{origin}: no '{key}' entry (keys: {shown(keys)}); is this the python-version CIFAR?")
 
 
 def _text(value: Any, origin: str) -> str:

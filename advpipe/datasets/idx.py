@@ -11,11 +11,12 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from advpipe.config import SourceConfig
-from advpipe.datasets.base import Part, RawSource, source_path
+from advpipe.datasets.base import Part, RawSource, check_size, source_path
 from advpipe.errors import DataError
 
 IMAGES_MAGIC = 0x00000803
@@ -43,8 +44,8 @@ def read(config: SourceConfig) -> RawSource:
 def _read_pair(directory: Path, images_name: str, labels_name: str) -> Part:
     images_path = find_file(directory, images_name)
     labels_path = find_file(directory, labels_name)
-    images = parse_idx(read_bytes(images_path), images_path, IMAGES_MAGIC)
-    labels = parse_idx(read_bytes(labels_path), labels_path, LABELS_MAGIC)
+    images = read_idx(images_path, IMAGES_MAGIC)
+    labels = read_idx(labels_path, LABELS_MAGIC)
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
@@ -64,35 +65,53 @@ def find_file(directory: Path, name: str) -> Path:
     )
 
 
-def read_bytes(path: Path) -> bytes:
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """The array of an IDX file, raw or gzipped, reading no more than its header promises (plus one byte).
+
+    The header is checked (magic, and the size it implies against MAX_SOURCE_BYTES) before the data is
+    read, so a gzip bomb or a header claiming terabytes is refused after a few bytes, not after the
+    whole file has been decompressed into memory.
+    """
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            head = _read_up_to(handle, 4 + 4 * (magic & 0xFF))
+            dims = parse_header(head, path, magic)
+            size = math.prod(dims)
+            data = _read_up_to(handle, size + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); the file is damaged, download it again") from exc
+    if len(data) != size:
+        problem = "truncated" if len(data) < size else "longer than its header says"
+        shown = f"{len(data)}" if len(data) <= size else f"more than {size}"
+        raise DataError(f"{path}: {problem}: {shown} data bytes, the header {dims} promises {size}; "
+                        "download it again")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
-def parse_idx(data: bytes, path: Path, magic: int) -> np.ndarray:
-    """The array an IDX file holds, after checking its magic and that its size matches its header."""
+def parse_header(head: bytes, path: Path, magic: int) -> tuple[int, ...]:
+    """The dimensions an IDX header declares, after checking its magic and the size they imply."""
     ndim = magic & 0xFF
-    header = 4 + 4 * ndim
     what = "images" if magic == IMAGES_MAGIC else "labels"
-    if len(data) >= 4 and (found := int.from_bytes(data[:4], "big")) != magic:
-        hint = " (it looks gzipped: give it a .gz suffix)" if data[:2] == b"\x1f\x8b" else ""
+    if len(head) >= 4 and (found := int.from_bytes(head[:4], "big")) != magic:
+        hint = " (it looks gzipped: give it a .gz suffix)" if head[:2] == b"\x1f\x8b" else ""
         raise DataError(
             f"{path}: IDX magic is 0x{found:08x}, expected 0x{magic:08x} for {what}{hint}; "
             "is this the right file?"
         )
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes); download it again")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    size = math.prod(dims)
-    if len(data) != header + size:
-        problem = "truncated" if len(data) < header + size else "longer than its header says"
-        raise DataError(
-            f"{path}: {problem}: {len(data) - header} data bytes, the header {dims} promises "
-            f"{size}; download it again"
-        )
-    return np.frombuffer(data, dtype=np.uint8, count=size, offset=header).reshape(dims)
+    if len(head) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({len(head)} bytes); download it again")
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    check_size(math.prod(dims), path, f"its header declares {what} of shape {dims}")
+    return dims
+
+
+def _read_up_to(handle: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes (fewer only at the end of the file): one read may return less for gzip."""
+    chunks, left = [], size
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

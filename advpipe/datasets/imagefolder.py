@@ -9,19 +9,24 @@ form one pool that load_source splits.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from advpipe.config import SourceConfig
-from advpipe.datasets.base import Part, RawSource, source_path
+from advpipe.datasets.base import Part, RawSource, check_size, source_path
 from advpipe.datasets.transforms import resize_pil
-from advpipe.errors import DataError
+from advpipe.errors import DataError, shorten, shown
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
+#: the most pixels one image may have, checked from its header before it is decoded: a PNG of zeros
+#: compresses about 1000:1, so without a bound a 200 KB file decodes to 200 MB (PIL itself only warns
+#: below 89 million pixels)
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def read(config: SourceConfig) -> RawSource:
@@ -46,7 +51,11 @@ def class_folders(folder: Path) -> tuple[str, ...]:
 def read_split(folder: Path, class_names: tuple[str, ...], size: int | None) -> Part:
     """All images under `folder`, labelled by the index of their class folder in class_names."""
     files, labels = list_images(folder, class_names)
-    arrays = [load_image(file, size) for file in files]
+    arrays, total = [], 0
+    for file in files:
+        arrays.append(load_image(file, size))
+        total += arrays[-1].nbytes
+        check_size(total, folder, f"its {len(files)} images ({len(arrays)} read so far)")
     if len({a.shape[-1] for a in arrays}) > 1:
         log.info("%s mixes grayscale and color images; loading all as RGB", folder)
         arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
@@ -61,7 +70,7 @@ def list_images(folder: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
         if sub.name not in class_names:
             raise DataError(
                 f"{sub}: class folder '{sub.name}' is not among the training classes "
-                f"{list(class_names)}; rename or remove it"
+                f"{shown(list(class_names))}; rename or remove it"
             )
         images = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
         files += images
@@ -72,17 +81,31 @@ def list_images(folder: Path, class_names: tuple[str, ...]) -> tuple[list[Path],
 
 
 def load_image(path: Path, size: int | None) -> np.ndarray:
-    """(H, W, 1) for mode L, else (H, W, 3) after converting to RGB; resized if size is set."""
+    """(H, W, 1) for mode L, else (H, W, 3) after converting to RGB; resized if size is set.
+
+    The pixel count is checked from the header (MAX_IMAGE_PIXELS) before anything is decoded.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = image if image.mode in ("L", "RGB") else image.convert("RGB")
-            if size is not None:
-                image = resize_pil(image, size)
-            array = np.asarray(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read the image ({exc}); replace or remove it") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own check, past 89M pixels
+            with Image.open(path) as image:
+                _check_pixels(path, *image.size)
+                image.load()
+                image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+                if size is not None:
+                    image = resize_pil(image, size)
+                array = np.asarray(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: refused: {exc}; is this image a decompression bomb?") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the image ({shorten(str(exc))}); replace or remove it") from exc
     return array[..., None] if array.ndim == 2 else array
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: image is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} an image may "
+                        "have (a decompression bomb?); shrink it or remove it")
 
 
 def check_sizes(arrays: list[np.ndarray], files: list[Path]) -> None:

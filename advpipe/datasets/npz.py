@@ -7,14 +7,17 @@ rather than guessed, since a wrong guess silently trains on garbage.
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from advpipe.config import SourceConfig
-from advpipe.datasets.base import Part, RawSource, as_labels, source_path
-from advpipe.errors import DataError
+from advpipe.datasets.base import Part, RawSource, as_labels, check_size, source_path
+from advpipe.errors import DataError, shorten, shown
 
 KEYS = ("x", "y", "x_test", "y_test", "class_names")
 
@@ -37,22 +40,61 @@ def read(config: SourceConfig) -> RawSource:
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz, each refused from its header alone when it would decode past MAX_SOURCE_BYTES.
+
+    Members are read by their .npy header (shape and dtype), never by the sizes the zip directory declares,
+    and no more bytes than the header implies are decompressed, so a zip bomb costs what its header says.
+    """
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            _check_keys(path, list(members))
+            arrays = {}
+            for key, info in members.items():
+                with archive.open(info) as handle:
+                    arrays[key] = read_npy(handle, f"{path}: '{key}'")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise DataError(
-            f"{path}: cannot load it as .npz ({exc}); save it with np.savez(path, x=..., y=...) "
+            f"{path}: cannot load it as .npz ({shorten(str(exc))}); save it with np.savez(path, x=..., y=...) "
             "and no object arrays"
         ) from exc
-    unknown = sorted(set(arrays) - set(KEYS))
-    missing = [key for key in ("x", "y") if key not in arrays]
+    return arrays
+
+
+def _check_keys(path: Path, keys: list[str]) -> None:
+    unknown = sorted(set(keys) - set(KEYS))
+    missing = [key for key in ("x", "y") if key not in keys]
     if unknown or missing:
         raise DataError(
-            f"{path}: arrays {sorted(arrays)}; expected x and y, optionally x_test, y_test and "
-            f"class_names (missing {missing}, unexpected {unknown})"
+            f"{path}: arrays {shown(sorted(keys))}; expected x and y, optionally x_test, y_test and "
+            f"class_names (missing {missing}, unexpected {shown(unknown)})"
         )
-    return arrays
+
+
+def read_npy(handle: BinaryIO, where: str) -> np.ndarray:
+    """One .npy stream: header checked (no objects, size within MAX_SOURCE_BYTES), then exactly its data."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise DataError(f"{where}: .npy format version {version} is not supported; save it with np.savez")
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (dtype {dtype}); loading them could run code, save plain "
+                        "numeric or string arrays")
+    count = math.prod(shape)
+    check_size(count * dtype.itemsize, where, f"its header declares a {dtype} array of shape {shown(shape)}")
+    array = np.empty(count, dtype=dtype)
+    view = memoryview(array).cast("B") if array.nbytes else memoryview(b"")
+    filled = 0
+    while filled < len(view):
+        read = handle.readinto(view[filled:])
+        if not read:
+            raise DataError(f"{where}: truncated: {filled} of the {len(view)} data bytes its header promises; "
+                            "save the file again")
+        filled += read
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def images(array: np.ndarray, where: str) -> np.ndarray:

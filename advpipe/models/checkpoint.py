@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advpipe.errors import ModelError
+from advpipe.errors import SHOWN_CHARS, ModelError, shorten, shown
 from advpipe.io import atomic_path, canonical_json
 from advpipe.models.base import SourceModel
 from advpipe.models.files import load_tensor_file
@@ -27,6 +27,12 @@ from advpipe.models.registry import build_model
 
 CHECKPOINT_FORMAT = "advpipe-model/1"
 SHOWN = 3  # how many offending keys an error message lists
+#: bounds on what a checkpoint may describe, checked before the model is built (ImageNet-21k has 21,841
+#: classes; inputs are images of at most 4096 pixels a side with up to 4 channels)
+MAX_CLASSES = 100_000
+MAX_INPUT_SIDE = 4096
+MAX_CHANNELS = 4
+MAX_META_CHARS = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -43,11 +49,35 @@ class ModelMeta:
 
     @classmethod
     def from_json(cls, text: str) -> ModelMeta:
-        raw = json.loads(text)
-        return cls(arch=str(raw["arch"]), num_classes=int(raw["num_classes"]),
-                   class_names=tuple(str(name) for name in raw["class_names"]),
-                   input_shape=tuple(int(v) for v in raw["input_shape"]),  # type: ignore[arg-type]
-                   fingerprint=str(raw["fingerprint"]), training=dict(raw.get("training") or {}))
+        """Parse and check the metadata: types, and bounds (classes, input size) that keep building the
+        model it describes cheap, so a hostile file cannot make the loader allocate terabytes."""
+        if not isinstance(text, str) or len(text) > MAX_META_CHARS:
+            raise ValueError(f"metadata must be a JSON string of at most {MAX_META_CHARS} characters")
+        raw = json.loads(text)  # RecursionError on deep nesting: the caller refuses it
+        if not isinstance(raw, dict):
+            raise ValueError(f"metadata must be a JSON object, got {type(raw).__name__}")
+        num_classes = _bounded_int(raw["num_classes"], "num_classes", 1, MAX_CLASSES)
+        names = raw["class_names"]
+        if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"class_names must be a list of {num_classes} strings, got {shown(names)}")
+        shape = raw["input_shape"]
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise ValueError(f"input_shape must be [channels, height, width], got {shown(shape)}")
+        input_shape = (_bounded_int(shape[0], "input channels", 1, MAX_CHANNELS),
+                       _bounded_int(shape[1], "input height", 1, MAX_INPUT_SIDE),
+                       _bounded_int(shape[2], "input width", 1, MAX_INPUT_SIDE))
+        training = raw.get("training") or {}
+        if not isinstance(raw["arch"], str) or not isinstance(raw["fingerprint"], str) or not isinstance(training,
+                                                                                                         dict):
+            raise ValueError("arch and fingerprint must be strings, training an object")
+        return cls(arch=shorten(raw["arch"]), num_classes=num_classes, class_names=tuple(names),
+                   input_shape=input_shape, fingerprint=raw["fingerprint"], training=training)
+
+
+def _bounded_int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {shown(value)}")
+    return value
 
 
 def state_dict_fingerprint(state: Mapping[str, Tensor]) -> str:
@@ -133,8 +163,9 @@ def _unpack(path: Path, payload: Any) -> tuple[ModelMeta, dict[str, Tensor]]:
                          "create it with advpipe.models.save_checkpoint / the train-source step")
     try:
         meta = ModelMeta.from_json(payload["meta"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: checkpoint metadata is unreadable ({exc}); retrain the model") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else shorten(str(exc), 2 * SHOWN_CHARS)
+        raise ModelError(f"{path}: checkpoint metadata is unreadable ({problem}); retrain the model") from None
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelError(f"{path}: checkpoint has no state dict of tensors; retrain the model")
