@@ -4,6 +4,8 @@ Batches of 256 float32 [256, 3, 32, 32] images plus labels, one variant picked p
 one of 7), from the same images laid out several ways:
 
   in-memory          one uint8 array (N, V+1, 3, 32, 32), gathered and converted in numpy: the bound
+  in-memory, 4 KiB   the same array in 4 KiB pages (numpy's own gets huge pages, a mapped store cannot):
+                     what the page size alone costs a gather; no target
   in-memory, 2 w.    the same through a DataLoader with 2 workers (float32 batches cross processes):
                      the bound for every 2-worker reader
   HDF5 map-style     advpipe.sampler.mapstyle.make_loader over the float16 store (the default precision)
@@ -30,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import mmap
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -51,6 +55,7 @@ from advpipe.stores.codec import to_float
 
 SHAPE = (3, 32, 32)
 MEMORY, MEMORY_2 = "in-memory, 0 workers", "in-memory, 2 workers"
+MEMORY_4K = "in-memory, 4 KiB pages, 0 workers"
 PEER = "LitData (peer), 0 workers"
 # reader: (the reader it is compared with, the factor it must reach)
 TARGETS = {
@@ -76,6 +81,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the multi-process lines")
     parser.add_argument("--no-peer", action="store_true", help="leave the peer library out")
     parser.add_argument("--only", nargs="*", default=None, help="measure only readers whose name contains one of these")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time readers in this process's CPU time, not wall time: steadier on a loaded machine; "
+                             "only the 0-worker readers (the work of workers is elsewhere)")
     parser.add_argument("--dir", type=Path, help="work directory, kept and reused (default: a temporary one)")
     parser.add_argument("--peer-child", nargs=2, metavar=("PATH", "WORKERS"), help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -130,6 +138,21 @@ def random_batches(count: int, variants: int, batch: int, epoch: int) -> Iterato
     picks = rng.integers(0, variants + 1, count)
     for start in range(0, count, batch):
         yield order[start:start + batch], picks[order[start:start + batch]]
+
+
+def small_pages(table: np.ndarray) -> np.ndarray:
+    """A copy of `table` in 4 KiB pages, as a store's mapped file is in the page cache.
+
+    numpy asks for transparent huge pages for large arrays (madvise), so the in-memory table gathers
+    with a fraction of the TLB misses any memory-mapped store pays: this line shows how much of a
+    store reader's gap to the in-memory line is that page size, not the reader's work.
+    """
+    mapping = mmap.mmap(-1, max(table.nbytes, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    copy = np.frombuffer(mapping, np.uint8, count=table.size).reshape(table.shape)
+    copy[...] = table
+    return copy
 
 
 def in_memory(table: np.ndarray, labels: np.ndarray, batch: int) -> Run:
@@ -240,8 +263,10 @@ def build_litdata(workdir: Path, table: np.ndarray, labels: np.ndarray) -> Path 
         np.save(workdir / "labels.npy", labels)
         step = 1000
         blocks = [(s, min(s + step, len(table)), str(workdir / "table.npy")) for s in range(0, len(table), step)]
-        timed("LitData optimize (its own chunked format)", lambda: litdata.optimize(
+        method = multiprocessing.get_start_method()  # optimize() sets 'spawn' for the whole process (force=True):
+        timed("LitData optimize (its own chunked format)", lambda: litdata.optimize(  # every DataLoader measured
             fn=litdata_items, inputs=blocks, output_dir=str(out), chunk_bytes="64MB", num_workers=1, verbose=False))
+        multiprocessing.set_start_method(method, force=True)  # after it would start its workers by spawning
     return out
 
 
@@ -301,10 +326,11 @@ def peer_child(args: argparse.Namespace) -> None:
 # measuring --------------------------------------------------------------------------------------------------
 
 
-def samples_per_second(run: Run, first_epoch: int, min_seconds: float = 0.5) -> float:
+def samples_per_second(run: Run, first_epoch: int, min_seconds: float = 0.5,
+                       clock: Callable[[], float] = time.perf_counter) -> float:
     """Run epochs until `min_seconds` have passed; samples/s over them."""
-    start, samples, epoch = time.perf_counter(), 0, first_epoch
-    while (elapsed := time.perf_counter() - start) < min_seconds or not samples:
+    start, samples, epoch = clock(), 0, first_epoch
+    while (elapsed := clock() - start) < min_seconds or not samples:
         samples += run(epoch, None)
         epoch += 1
     return samples / elapsed
@@ -332,12 +358,14 @@ def builders(args: argparse.Namespace, table: np.ndarray, labels: np.ndarray, pa
 
     readers: dict[str, Callable[[], Run]] = {
         MEMORY: lambda: in_memory(table, labels, args.batch),
+        MEMORY_4K: lambda: in_memory(small_pages(table), labels, args.batch),
         MEMORY_2.replace("2", str(w)): lambda: in_memory_workers(table, labels, args.batch, w),
         "HDF5 map-style, uint8 store, 0 workers": lambda: loader_epochs(mapstyle(h5u8, 0)),
         "HDF5 map-style, float16 store, 0 workers": lambda: loader_epochs(mapstyle(h5, 0)),
         "HDF5 map-style, float16 store, 0 workers, stored form (GPU decodes)":
             lambda: loader_stored_only(mapstyle(h5, 0, stored=True)),
         "WDS streaming, 0 workers": lambda: loader_epochs(stream(0)),
+        "WDS streaming, 0 workers, stored form (GPU decodes)": lambda: loader_stored_only(stream(0, stored=True)),
         f"HDF5 map-style, uint8 store, {w} workers": lambda: loader_epochs(mapstyle(h5u8, w)),
         f"HDF5 map-style, float16 store, {w} workers": lambda: loader_epochs(mapstyle(h5, w)),
         f"HDF5 map-style, float16 store, {w} workers, stored form + decode":
@@ -351,7 +379,10 @@ def builders(args: argparse.Namespace, table: np.ndarray, labels: np.ndarray, pa
         readers[PEER] = lambda: PeerProcess(args, peer, 0)
         readers[PEER.replace("0 workers", f"{w} workers")] = lambda: PeerProcess(args, peer, w)
     if args.only:
-        readers = {k: v for k, v in readers.items() if k in (MEMORY, MEMORY_2) or any(o in k for o in args.only)}
+        readers = {k: v for k, v in readers.items()
+                   if k in (MEMORY, MEMORY_2, MEMORY_4K) or any(o in k for o in args.only)}
+    if args.cpu_time:
+        readers = {k: v for k, v in readers.items() if "0 workers" in k and k != PEER}
     return readers
 
 
@@ -376,7 +407,8 @@ def measure(args: argparse.Namespace, table: np.ndarray, labels: np.ndarray, pat
                 rate, quality[name] = run.measure()
                 best[name] = max(best[name], rate)
             else:
-                best[name] = max(best[name], samples_per_second(run, 100 * round_number))
+                best[name] = max(best[name], samples_per_second(
+                    run, 100 * round_number, clock=time.process_time if args.cpu_time else time.perf_counter))
         print(f"  round {round_number} done, load average {os.getloadavg()[0]:.2f}", flush=True)
     return best, quality
 
@@ -410,7 +442,8 @@ def main() -> None:
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="advpipe-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"{args.images} images x {args.variants} variants of {SHAPE}, batches of {args.batch}, in {workdir}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, torch threads 1", flush=True)
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, torch threads 1, "
+          f"{'CPU' if args.cpu_time else 'wall'} time", flush=True)
     try:
         data = make_data(args.images, args.variants)
         paths = build(workdir, data, args.shard_size)

@@ -19,6 +19,7 @@ float16 and float32 deltas share one reconstruction formula and can live in one 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +74,8 @@ def decode(clean: np.ndarray | None, stored: np.ndarray, precision: str, out: np
     """Float32 pixels in [0, 1] from the stored form (see the table above), optionally into `out`.
 
     `clean` may be None for a uint8 store (its stored form is the pixels themselves). The float16
-    delta is added with torch, whose float16 -> float32 conversion is vectorised (numpy's is not):
-    the result is bit-identical to adding `stored.astype(float32)` in numpy.
+    delta is widened and added with torch, whose float16 -> float32 conversion is vectorised (numpy's
+    is not): the result is bit-identical to adding `stored.astype(float32)` in numpy.
     """
     if precision == "uint8":
         return to_float(stored, out)
@@ -87,10 +88,23 @@ def apply(base: np.ndarray, stored: np.ndarray, precision: str) -> np.ndarray:
     """Like `decode`, given the clean image already as float (`to_float(clean)`); may reuse `base`."""
     if precision == "uint8":
         return to_float(stored)
-    flat = torch.from_numpy(base)
-    flat.add_(torch.from_numpy(np.ascontiguousarray(stored)))
-    flat.clamp_(0.0, 1.0)
+    delta = torch.from_numpy(np.ascontiguousarray(stored))
+    if delta.dtype != torch.float32:  # widen first: torch's mixed-dtype add runs a slow per-element cast, a
+        delta = _scratch(delta.shape).copy_(delta)  # vectorised widening plus a float32 add costs less (exact both)
+    torch.from_numpy(base).add_(delta).clamp_(0.0, 1.0)  # clamp: a float16 delta can overshoot 0 or 1 by rounding
     return base
+
+
+_local = threading.local()
+
+
+def _scratch(shape: torch.Size) -> torch.Tensor:
+    """A float32 buffer of `shape`, reused by this thread: a fresh batch-sized one costs a page fault per 4 KiB."""
+    count = shape.numel()
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < count:
+        buffer = _local.buffer = torch.empty(count, dtype=torch.float32)
+    return buffer[:count].view(shape)
 
 
 def decode_tensor(clean: torch.Tensor | None, stored: torch.Tensor, precision: str) -> torch.Tensor:

@@ -6,6 +6,9 @@ clip), never by the code under test, and compared bit for bit.
 
 from __future__ import annotations
 
+import gc
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +82,27 @@ def test_read_any_order_with_repeats_matches_the_stored_samples(tmp_path, backen
     np.testing.assert_array_equal(rows.clean, reference_rows(tmp_path / "s", indices, np.zeros_like(variants))
                                   * 255)  # the clean twins, as uint8
     np.testing.assert_array_equal(rows.decode(), expected)
+
+
+@pytest.mark.parametrize("backend", ["hdf5", "webdataset"])
+def test_a_reader_sent_to_another_process_or_released_reads_the_same(tmp_path, backend):
+    """One batch-wide gather reads mapped shards by address; a pickled reader (a spawned worker's) and a reader
+    whose shards were released must map their own bytes again, never reuse another process's addresses."""
+    write_test_store(tmp_path / "s", backend=backend, shard_size=16)
+    reader = open_store(tmp_path / "s").split("train")
+    rng = np.random.default_rng(2)
+    indices, variants = rng.permutation(70), rng.integers(0, 3, 70)
+    expected = reference_rows(tmp_path / "s", indices, variants)
+    np.testing.assert_array_equal(reader.read(indices, variants), expected)
+    copy = pickle.loads(pickle.dumps(reader))
+    for index in range(len(reader.record.shards)):
+        reader.release(index)
+    del reader
+    gc.collect()
+    np.testing.assert_array_equal(copy.read(indices, variants), expected)
+    for index in range(len(copy.record.shards)):
+        copy.release(index)
+    np.testing.assert_array_equal(copy.read(indices[::-1], variants[::-1]), expected[::-1])
 
 
 def test_a_store_with_a_float32_variant_reads_both_arrays(tmp_path):
