@@ -21,11 +21,13 @@ from advpipe.config import SamplerConfig
 from advpipe.errors import IntegrityError, SamplerError, StoreError
 from advpipe.sampler.policy import Policy
 from advpipe.sampler.streaming import (
-    Pending,
     ShardColumns,
+    ShardPixels,
+    ShuffleBuffer,
     StreamingVariantDataset,
     make_stream_loader,
     rebatch,
+    refs_of,
     shuffle_chunks,
 )
 from advpipe.stores import build_store, open_store, read_manifest
@@ -151,27 +153,103 @@ def test_failed_variants_are_never_drawn(tmp_path: Path) -> None:
     assert {drawn[i] for i in range(1, COUNT, 3)} == {1, 2}
 
 
-def pending(start: int, count: int) -> Pending:
+PIXELS = ShardPixels("float16", (1, 1, 1), np.dtype(np.float16))
+
+
+def refs(start: int, count: int, key: int) -> dict[str, np.ndarray]:
     """Samples start..start+count whose pixels encode their id; odd ids pick variant 1, whose delta is the id."""
     ids = np.arange(start, start + count)
     columns = ShardColumns(ids=ids, labels=ids % 10, failed=np.zeros((count, 2), bool),
                            clean=ids.astype(np.uint8).reshape(count, 1, 1, 1),
                            variants=ids.astype(np.float16).reshape(count, 1, 1, 1, 1))
-    return Pending(ids, ids % 10, ids % 2, np.arange(count), columns, "float16")
+    return refs_of(columns, key, np.arange(count), ids, ids % 10, ids % 2)
+
+
+def gathered(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every batch's ids, labels and pixels, concatenated."""
+    out: dict[str, list[np.ndarray]] = {"index": [], "label": [], "clean": [], "stored": []}
+    for batch in batches:
+        clean, stored = PIXELS.gather(batch, True)
+        for key, value in (("index", batch["index"]), ("label", batch["label"]), ("clean", clean),
+                           ("stored", stored)):
+            out[key].append(value)
+    return {key: np.concatenate(values) for key, values in out.items()}
 
 
 def test_shuffle_buffer_and_rebatch_keep_every_sample_with_its_pixels() -> None:
     rng = np.random.default_rng(0)
     starts_and_counts = ((0, 5), (5, 40), (45, 1), (46, 30))
     for size in (1, 7, 50, 200):
-        chunks = list(shuffle_chunks((pending(s, n) for s, n in starts_and_counts), size, rng))
-        out = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
-        assert sorted(out["index"].tolist()) == list(range(76)) and out["index"].tolist() != list(range(76))
-        assert np.array_equal(out["clean"].ravel(), out["index"]) and np.array_equal(out["label"], out["index"] % 10)
-        assert np.array_equal(out["stored"].ravel(), np.where(out["index"] % 2, out["index"], 0))
-    chunks = [pending(s, n).take(slice(None)) for s, n in starts_and_counts]
+        for live in (1, 2, 6):
+            chunks = (refs(s, n, key) for key, (s, n) in enumerate(starts_and_counts))
+            out = gathered(list(rebatch(shuffle_chunks(chunks, size, rng, PIXELS, live), 16)))
+            assert sorted(out["index"].tolist()) == list(range(76)) and out["index"].tolist() != list(range(76))
+            assert np.array_equal(out["clean"].ravel(), out["index"])
+            assert np.array_equal(out["label"], out["index"] % 10)
+            assert np.array_equal(out["stored"].ravel(), np.where(out["index"] % 2, out["index"], 0))
+    chunks = [refs(s, n, key) for key, (s, n) in enumerate(starts_and_counts)]
     assert [len(b["index"]) for b in rebatch(chunks, 32)] == [32, 32, 12]
     assert [len(b["index"]) for b in rebatch(chunks, 32, drop_last=True)] == [32, 32]
+
+
+def test_shuffle_buffer_holds_at_most_live_shards_and_keeps_the_order() -> None:
+    """Spilling old shards' last samples bounds the shards alive and changes nothing in the stream."""
+    starts = [(start, 10) for start in range(0, 200, 10)]
+
+    def run(live: int) -> tuple[list[int], int]:
+        buffer = ShuffleBuffer(30, np.random.default_rng(5), PIXELS, live)
+        order, most = [], 0
+        for chunk in buffer(refs(s, n, key) for key, (s, n) in enumerate(starts)):
+            if buffer.pool is not None:
+                keys = buffer.pool["key"]
+                most = max(most, len(np.unique(keys[keys >= 0])))
+            out = gathered([chunk])
+            assert np.array_equal(out["clean"].ravel(), out["index"] % 256)
+            assert np.array_equal(out["stored"].ravel(), np.where(out["index"] % 2, out["index"], 0))
+            order += out["index"].tolist()
+        return order, most
+
+    unbounded, most = run(1000)
+    assert most > 3 and sorted(unbounded) == list(range(200))
+    bounded, most = run(3)
+    assert most == 3 and bounded == unbounded
+
+
+def test_live_shards_bounds_memory_without_changing_the_stream(stores: dict[str, Path]) -> None:
+    """One live shard (every older shard's last samples copied out) or all nine: the same batches, pixels included."""
+    def batches(live: int) -> list[dict[str, torch.Tensor]]:
+        return list(StreamingVariantDataset(stores["many"], sampler=MIXED, batch_size=8, shuffle_buffer=16,
+                                            pair_clean=True, live_shards=live))
+
+    reader = open_store(stores["many"]).split("train")
+    for one, every in zip(batches(1), batches(100), strict=True):
+        for key in ("index", "variant", "x", "x_clean", "y"):
+            assert torch.equal(one[key], every[key])
+        assert np.array_equal(one["x"].numpy(), reader.read(one["index"].numpy(), one["variant"].numpy()))
+    with pytest.raises(SamplerError, match="live_shards"):
+        StreamingVariantDataset(stores["many"], live_shards=0)
+
+
+def test_a_local_shard_rewritten_between_epochs_is_read_anew(tmp_path: Path) -> None:
+    """Parsed shards are reused only while the file is unchanged: a rewrite of the same size is seen next epoch."""
+    write_test_store(tmp_path / "s", backend="webdataset", shard_size=8, count=COUNT)
+    shard = read_manifest(tmp_path / "s").splits["train"].shards[2]
+    dataset = StreamingVariantDataset(tmp_path / "s", shuffle=False, batch_size=10, pair_clean=True, verify="size")
+
+    def first_pixel() -> float:
+        clean = {int(i): x for batch in dataset for i, x in zip(batch["index"], batch["x_clean"], strict=True)}
+        return float(clean[shard.start].reshape(-1)[0])
+
+    before = first_pixel()
+    assert first_pixel() == before
+    offset, npy_header, _ = dataset.reader.members["clean.npy"]
+    path = tmp_path / "s" / shard.name
+    data = bytearray(path.read_bytes())
+    at = offset + 512 + len(npy_header)  # record 0's first clean pixel
+    data[at] = (data[at] + 1) % 256
+    path.unlink()
+    path.write_bytes(bytes(data))
+    assert first_pixel() == np.float32(data[at]) / np.float32(255) != before
 
 
 def flip_a_byte(path: Path) -> None:
@@ -249,6 +327,29 @@ def test_loader_advances_epochs_and_applies_adaptive_updates(stores: dict[str, P
     expected.update({"noise": 1.0, "tiny": 0.0})
     expected.adapt()
     assert [second[i] for i in range(COUNT)] == expected.choose(1, np.arange(COUNT)).tolist()
+
+
+def test_persistent_workers_follow_epochs_and_adaptive_updates(stores: dict[str, Path]) -> None:
+    """The loader's two workers live across epochs; set_epoch and update() still reach them at each epoch start."""
+    config = SamplerConfig(ratio=1.0, weights={"noise": (0.0, 1.0), "tiny": (0.0, 1.0)}, adaptive=True,
+                           adapt_rate=1.0, redraw="sample", seed=5)
+    loader = make_stream_loader(stores["few"], sampler_config=config, batch_size=8, num_workers=2)
+    assert loader.dataloader.persistent_workers
+
+    def variants() -> list[int]:
+        drawn = {i: v for batch in loader for i, v in zip(batch["index"].tolist(), batch["variant"].tolist(),
+                                                          strict=True)}
+        assert sorted(drawn) == list(range(COUNT))
+        return [drawn[i] for i in range(COUNT)]
+
+    expected = Policy.from_config(config, open_store(stores["few"]).variants)
+    assert variants() == expected.choose(0, np.arange(COUNT)).tolist()
+    loader.update({"noise": 1.0, "tiny": 0.0})
+    expected.update({"noise": 1.0, "tiny": 0.0})
+    expected.adapt()
+    assert variants() == expected.choose(1, np.arange(COUNT)).tolist()
+    loader.set_epoch(6)
+    assert variants() == expected.choose(6, np.arange(COUNT)).tolist() != expected.choose(1, np.arange(COUNT)).tolist()
 
 
 def test_hdf5_store_and_bad_arguments_are_refused_at_construction(stores: dict[str, Path], tmp_path: Path) -> None:

@@ -26,19 +26,26 @@ an image belongs to (point = id // batch_size): each point governs as many draws
 batch, and draws stay layout-independent; a shuffled training batch mixes blocks.
 
 Reading cost is kept off the per-record path: a shard with the fixed layout the writer
-produces is read as strided numpy views of its bytes (advpipe.stores.wds.TarParser), only each image's
-clean pixels and chosen variant are copied out, and decoding runs a batch at a time.
+produces is read as strided numpy views of its bytes (advpipe.stores.wds.TarParser; a local shard's
+views are kept while its file is unchanged). Between shard and batch a sample is only a reference
+(shard, row, chosen variant): the shuffle buffer, padding and batching move references, and each
+sample's clean pixels and chosen variant are copied once, from the shard straight into its batch,
+which is then decoded in one pass (or handed on in stored form, from a worker in shared memory).
+The shuffle buffer keeps at most `live_shards` shards alive (see ShuffleBuffer), so memory stays
+bounded by those shards, the prefetched ones and one buffer of samples.
 
 The same seed, epoch and layout (ranks, workers, buffer) give the same sequence.
-Changes to the policy (adaptive mode, `set_epoch`) reach DataLoader workers when an
-epoch's iterator starts, so do not use persistent workers.
+Changes to the policy (adaptive mode, `set_epoch`) reach StreamLoader's persistent workers
+through shared memory when an epoch's iterator starts (`share_epoch`); a DataLoader of your own
+over the dataset must not use persistent workers.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,7 +68,7 @@ from advpipe.stores.wds import ShardColumns, TarParser
 
 log = logging.getLogger(__name__)
 
-Samples = dict[str, np.ndarray]  # parallel arrays: index, label, variant, clean (uint8), stored (chosen variant)
+Refs = dict[str, np.ndarray]  # parallel arrays: index, label, variant, row, key, source (see refs_of)
 Verify = Literal["checksum", "size"]
 SHARD_ORDER, BUFFER_ORDER = 1, 2  # tags that keep the two shuffles' generators apart
 MASK64 = (1 << 64) - 1
@@ -78,14 +85,17 @@ class StreamingVariantDataset(IterableDataset):
     afterwards while their size, mtime and inode are unchanged; a changed file is hashed
     again before use. A remote shard is hashed every time it is fetched, before any of its
     samples is used. verify='size' only compares sizes. `prefetch` shards are fetched and
-    verified on a background thread while the current one is parsed.
+    verified on a background thread while the current one is parsed. `live_shards` bounds the
+    fetched shards the shuffle buffer keeps (ShuffleBuffer): with remote stores, memory is about
+    (live_shards + prefetch + 1) shards; a local shard is memory-mapped and costs page cache only.
     """
 
     def __init__(self, location: str | os.PathLike, split: str = "train", sampler: SamplerConfig | None = None, *,
                  batch_size: int | None = None, shuffle: bool = True, shuffle_buffer: int = 1024,
                  rank: int | None = None, world_size: int | None = None, pair_clean: bool | None = None,
                  drop_last: bool = False, verify: Verify = "checksum", prefetch: int = 1,
-                 storage_options: dict[str, Any] | None = None, stored_form: bool | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, stored_form: bool | None = None,
+                 live_shards: int = 6) -> None:
         super().__init__()
         self.sampler = sampler or SamplerConfig()
         self.source = ShardSource(str(location), storage_options or {}, verify)
@@ -105,6 +115,13 @@ class StreamingVariantDataset(IterableDataset):
         self.pair_clean = self.sampler.pair_clean if pair_clean is None else pair_clean
         self.stored_form = self.sampler.stored_form if stored_form is None else stored_form
         self.prefetch = max(0, prefetch)
+        if live_shards < 1:
+            raise SamplerError(f"live_shards must be at least 1 (the shards the shuffle buffer keeps fetched), "
+                               f"got {live_shards}")
+        self.live_shards = live_shards
+        self._parsed: dict[str, tuple[mmap.mmap, ShardColumns]] = {}
+        self._shared: torch.Tensor | None = None
+        self.pixels = ShardPixels(self.manifest.precision, self.manifest.image_shape, self.manifest.layout.dtype)
         self.epoch = 0
 
     def _check_store(self, split: str) -> None:
@@ -126,8 +143,31 @@ class StreamingVariantDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffles and variant draws the next iteration makes."""
         self.epoch = int(epoch)
+        self.publish()
+
+    def share_epoch(self) -> None:
+        """Let persistent DataLoader workers follow `set_epoch` and adaptive policy updates.
+
+        A worker copies the dataset once, when it starts. After this call the epoch and the policy's
+        centres (all that `Policy.choose` reads that can change) live in shared memory: `publish` writes
+        them in the main process before an epoch's iterator starts, and each worker reads them when its
+        iteration of that epoch begins (the DataLoader's resume message orders the two).
+        """
+        self._shared = torch.zeros(1 + len(self.policy.centres), dtype=torch.float64).share_memory_()
+
+    def publish(self) -> None:
+        """Write this process's epoch and policy centres for the workers (see `share_epoch`)."""
+        if self._shared is not None:
+            self._shared[0] = float(self.epoch)
+            self._shared[1:] = torch.from_numpy(np.asarray(self.policy.centres, dtype=np.float64))
+
+    def _follow(self) -> None:
+        if self._shared is not None and get_worker_info() is not None:
+            self.epoch = int(self._shared[0])
+            self.policy.centres = self._shared[1:].numpy().copy()
 
     def __iter__(self) -> Iterator[Batch | dict[str, torch.Tensor]]:
+        self._follow()
         slot, slots = self._slot()
         plan = self.plan(self.epoch, slot, slots)
         natural, target = self.slot_count(plan, slot, slots), self.slot_target(slots)
@@ -136,13 +176,11 @@ class StreamingVariantDataset(IterableDataset):
                                "(ranks x DataLoader workers): use fewer workers or ranks")
         log.debug("epoch %d: slot %d of %d reads %d shard(s), %d images, padded or cut to %d", self.epoch, slot,
                   slots, len(plan), natural, target)
-        chunks: Iterator[Samples]
+        chunks = self._chunks(plan, slot, slots)
         if self.shuffle_buffer:
             rng = np.random.default_rng([BUFFER_ORDER, self.sampler.seed & MASK64, self.epoch & MASK64, slot])
-            chunks = shuffle_chunks(self._chunks(plan, slot, slots), self.shuffle_buffer, rng)
-        else:
-            chunks = (chunk.take(slice(None)) for chunk in self._chunks(plan, slot, slots))
-        chunks = fit_count(chunks, target, max(0, target - natural))
+            chunks = shuffle_chunks(chunks, self.shuffle_buffer, rng, self.pixels, self.live_shards)
+        chunks = fit_count(chunks, target, max(0, target - natural), self.pixels)
         if self.batch_size is None:
             for chunk in chunks:
                 tensors = self._batch(chunk).decode().tensors()
@@ -195,17 +233,18 @@ class StreamingVariantDataset(IterableDataset):
         target, size = self.slot_target(slots), self.batch_size or 1
         return target // size if self.drop_last else -(-target // size)
 
-    def _chunks(self, plan: list[tuple[int, int | None]], slot: int, slots: int) -> Iterator[Pending]:
-        """Each planned shard's samples for this slot, their variants chosen."""
+    def _chunks(self, plan: list[tuple[int, int | None]], slot: int, slots: int) -> Iterator[Refs]:
+        """Each planned shard's references for this slot, their variants chosen (pixels stay in the shard)."""
         shards = [self.shards[index] for index, _ in plan]
-        for (_, offset), shard, data in zip(plan, shards, self.source.fetch_all(shards, self.prefetch), strict=True):
-            chunk = self._parse(shard, data, None if offset is None else (slot, slots, offset))
-            if len(chunk):
+        fetched = self.source.fetch_all(shards, self.prefetch)
+        for key, ((_, offset), shard, data) in enumerate(zip(plan, shards, fetched, strict=True)):
+            chunk = self._parse(key, shard, data, None if offset is None else (slot, slots, offset))
+            if len(chunk["index"]):
                 yield chunk
 
-    def _parse(self, shard: ShardRecord, data: Any, keep: tuple[int, int, int] | None) -> Pending:
-        """Check the shard's images, keep this slot's and choose their variants (pixels are copied later)."""
-        columns = self.reader.read(data, shard)
+    def _parse(self, key: int, shard: ShardRecord, data: Any, keep: tuple[int, int, int] | None) -> Refs:
+        """Check the shard's images, keep this slot's and choose their variants: references, no pixels copied."""
+        columns = self._columns(shard, data)
         ids = columns.ids
         if len(ids) != shard.count or not np.array_equal(ids, np.arange(shard.start, shard.stop)):
             raise IntegrityError(f"shard {shard.name}: holds images {_span(ids)}, manifest says "
@@ -215,7 +254,21 @@ class StreamingVariantDataset(IterableDataset):
             slot, slots, offset = keep
             rows = rows[(offset + rows) % slots == slot]
         variants = self._choose(ids[rows], columns.failed[rows])
-        return Pending(ids[rows], columns.labels[rows], variants, rows, columns, self.manifest.precision)
+        return refs_of(columns, key, rows, ids[rows], columns.labels[rows], variants)
+
+    def _columns(self, shard: ShardRecord, data: Any) -> ShardColumns:
+        """The shard parsed; a memory-mapped shard is parsed once and reused while the source hands back the same
+        map (it maps a local file again when its size, mtime or inode change): header checks cost about as much
+        as a shard's batches."""
+        if not isinstance(data, mmap.mmap):
+            return self.reader.read(data, shard)
+        known = self._parsed.get(shard.name)
+        if known is None or known[0] is not data:
+            self._parsed[shard.name] = (data, self.reader.read(data, shard))
+        return self._parsed[shard.name][1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_parsed": {}}  # maps are not sent to worker processes
 
     def _choose(self, ids: np.ndarray, failed: np.ndarray) -> np.ndarray:
         if self.policy.redraw != "batch":
@@ -227,101 +280,216 @@ class StreamingVariantDataset(IterableDataset):
             variants[rows] = self.policy.choose(self.epoch, ids[rows], batch=int(block), failed=failed[rows])
         return variants
 
-    def _batch(self, samples: Samples) -> Batch:
-        """Decode a chunk or batch in one fused step (clean picks hold the identity of the codec), or, with
-        stored_form, hand on the stored form for `Batch.decode` on the device."""
-        item = {"y": torch.from_numpy(samples["label"]), "variant": torch.from_numpy(samples["variant"]),
-                "index": torch.from_numpy(samples["index"])}
-        precision = self.manifest.precision
+    def _batch(self, refs: Refs) -> Batch:
+        """Gather a batch's pixels from its shards (each sample's once) and decode them in one fused step,
+        or, with stored_form, hand on the stored form (in shared memory from a worker) for `Batch.decode`."""
+        item = {"y": torch.from_numpy(refs["label"]), "variant": torch.from_numpy(refs["variant"]),
+                "index": torch.from_numpy(refs["index"])}
+        precision, delta = self.pixels.precision, self.pixels.precision != "uint8"
         if self.stored_form:
-            rows = StoredRows(samples["stored"], samples["clean"], precision)
-            return Batch(x=None, stored=StoredPixels.of(rows, self.pair_clean), **item)
-        x = codec.decode(samples["clean"], samples["stored"], precision, output_buffer(samples["clean"].shape))
-        x_clean = codec.to_float(samples["clean"], output_buffer(samples["clean"].shape)) if self.pair_clean else None
+            clean, stored = self.pixels.gather(refs, delta or self.pair_clean, shared_buffer)
+            return Batch(x=None, stored=StoredPixels.of(StoredRows(stored, clean, precision), self.pair_clean), **item)
+        clean, stored = self.pixels.gather(refs, delta or self.pair_clean, None)
+        x = codec.decode(clean, stored, precision, output_buffer(stored.shape))
+        x_clean = codec.to_float(clean, output_buffer(clean.shape)) if self.pair_clean else None
         return Batch(x=torch.from_numpy(x), x_clean=None if x_clean is None else torch.from_numpy(x_clean), **item)
 
 
+# References, not pixels -------------------------------------------------------------------------------------
+#
+# Between a shard and a batch a sample is a reference: its id, label and chosen variant, the
+# shard it lives in (`source`, the parsed ShardColumns: views of the fetched bytes) and its row
+# there. The shuffle buffer, the padding and the cutting into batches move references only;
+# `ShardPixels.gather` copies each sample's clean image and chosen variant once, straight into
+# the batch. A shard's bytes are held exactly as long as a reference names it (the `source`
+# column holds the object), and the shuffle buffer keeps at most `live_shards` shards alive by
+# copying the few samples it still holds of older ones into a `Spill`.
+
+
+def refs_of(columns: ShardColumns, key: int, rows: np.ndarray, index: np.ndarray, label: np.ndarray,
+            variant: np.ndarray) -> Refs:
+    """References to `rows` of one shard; `key` orders shards by arrival (spills take negative keys)."""
+    source = np.empty(len(rows), dtype=object)
+    source.fill(columns)
+    return {"index": index, "label": label, "variant": variant, "row": rows,
+            "key": np.full(len(rows), key, dtype=np.int64), "source": source}
+
+
 @dataclass
-class Pending:
-    """A shard's samples for one slot, variants chosen, pixels still in the shard's bytes.
+class Spill:
+    """Pixels of samples whose shard was let go while the shuffle buffer still held them: the clean
+    image and the chosen variant's stored form (the codec's identity for a clean pick), by row."""
 
-    `take` and `put` copy out only each sample's clean image and chosen variant, straight
-    to where the sample goes next (the shuffle buffer or an output chunk); the shard's
-    bytes are released once its samples have all been copied.
-    """
-
-    index: np.ndarray  # int64 (n,): image ids
-    label: np.ndarray
-    variant: np.ndarray  # chosen variant ids (0 = clean)
-    rows: np.ndarray  # the samples' rows in `columns`
-    columns: ShardColumns
-    precision: str
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def subset(self, positions: slice | np.ndarray) -> Pending:
-        return Pending(self.index[positions], self.label[positions], self.variant[positions], self.rows[positions],
-                       self.columns, self.precision)
-
-    def take(self, positions: slice | np.ndarray) -> Samples:
-        """The samples at `positions` as new arrays; a clean pick stores the codec's identity."""
-        positions = np.arange(len(self))[positions]  # an index array, so that every result is a copy
-        rows, variant = self.rows[positions], self.variant[positions]
-        clean = self.columns.clean[rows]
-        stored = clean.copy() if self.precision == "uint8" else np.zeros(clean.shape, self.columns.stored_dtype)
-        adversarial = np.flatnonzero(variant)
-        stored[adversarial] = self.columns.gather(rows[adversarial], variant[adversarial] - 1)
-        return {"index": self.index[positions], "label": self.label[positions], "variant": variant, "clean": clean,
-                "stored": stored}
-
-    def put(self, positions: np.ndarray, out: Samples, at: np.ndarray) -> None:
-        """Write the samples at `positions` into rows `at` of `out`."""
-        for key, values in self.take(positions).items():
-            out[key][at] = values
+    clean: np.ndarray
+    stored: np.ndarray
 
 
-def shuffle_chunks(chunks: Iterable[Pending], size: int, rng: np.random.Generator) -> Iterator[Samples]:
-    """A shuffle buffer of `size` samples, exchanged a chunk at a time.
+Buffer = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
-    Each incoming chunk of n samples sends out n samples drawn uniformly without
-    replacement from buffer + chunk, in random order; the chunk's samples not sent take
-    the freed places. Working on whole chunks keeps the cost to numpy gathers instead of
-    Python work per sample.
-    """
-    pool: Samples | None = None
-    for chunk in chunks:
-        held = 0 if pool is None else len(pool["index"])
-        if held < size:  # filling
-            head = chunk.take(slice(0, size - held))
-            pool = head if pool is None else concat([pool, head])
-            chunk = chunk.subset(slice(size - held, None))
-            if not len(chunk):
+
+def shared_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Like `output_buffer` for any dtype: in a DataLoader worker, in shared memory, so that sending the
+    batch to the main process passes a handle instead of copying it."""
+    if get_worker_info() is None:
+        return np.empty(shape, dtype)
+    return torch.from_numpy(np.empty(0, dtype)).new_empty(shape).share_memory_().numpy()
+
+
+class ShardPixels:
+    """Copies the pixels that references name out of their shards, once per sample."""
+
+    def __init__(self, precision: str, shape: tuple[int, ...], stored_dtype: np.dtype) -> None:
+        self.precision, self.shape, self.stored_dtype = precision, tuple(shape), np.dtype(stored_dtype)
+        self.spills = 0
+        self._scratch: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
+
+    def scratch(self, role: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A buffer reused from batch to batch, for pixels decoded before the batch is handed on: a fresh one would
+        cost a page fault for every 4 KiB of it, about as much as copying it."""
+        key = (role, tuple(shape[1:]), np.dtype(dtype).str)
+        held = self._scratch.get(key)
+        if held is None or len(held) < shape[0]:
+            held = self._scratch[key] = np.empty(shape, dtype)
+        return held[: shape[0]]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scratch": {}}
+
+    def gather(self, refs: Refs, with_clean: bool, buffer: Buffer | None = np.empty
+               ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(clean uint8 or None, stored form of the chosen variants) in the references' order, in new arrays
+        from `buffer`, or with buffer=None in this object's `scratch` (valid until the next such call).
+
+        In a delta store a clean pick stores 0; in a uint8 store the stored form is the pixels themselves,
+        so a clean pick's are copied from its clean image and `clean` is only gathered when asked for.
+        """
+        shape = (len(refs["index"]), *self.shape)
+        clean_shape, stored_shape = (shape, np.dtype(np.uint8)), (shape, self.stored_dtype)
+        if buffer is None:
+            clean = self.scratch("clean", *clean_shape) if with_clean else None
+            stored = self.scratch("stored", *stored_shape)
+        else:
+            clean = buffer(*clean_shape) if with_clean else None
+            stored = buffer(*stored_shape)
+        variant, row = refs["variant"], refs["row"]
+        for positions in _groups(refs["key"]):
+            source, rows, picks = refs["source"][positions[0]], row[positions], variant[positions]
+            if isinstance(source, Spill):
+                stored[positions] = source.stored[rows]
+                if clean is not None:
+                    clean[positions] = source.clean[rows]
                 continue
-        yield _exchange(pool, chunk, rng)
-    if pool is not None and len(pool["index"]):
-        yield take(pool, rng.permutation(len(pool["index"])))
+            if clean is not None:
+                clean[positions] = source.clean[rows]
+            adversarial = picks > 0
+            if adversarial.any():
+                stored[positions[adversarial]] = source.gather(rows[adversarial], picks[adversarial] - 1)
+            if self.precision == "uint8" and not adversarial.all():
+                plain = ~adversarial
+                stored[positions[plain]] = source.clean[rows[plain]] if clean is None else clean[positions[plain]]
+        if self.precision != "uint8":
+            stored[variant == 0] = 0
+        return clean, stored
+
+    def spill(self, refs: Refs) -> Refs:
+        """The same samples, their pixels copied into one `Spill` (freeing their shards), under a new negative key
+        (shards' keys count up from 0 in each iteration, spills' down from -1: every source keeps its own key)."""
+        self.spills += 1
+        key = -self.spills
+        clean, stored = self.gather(refs, True)
+        rows = np.arange(len(clean))
+        source = np.empty(len(rows), dtype=object)
+        source.fill(Spill(clean, stored))
+        return {**refs, "row": rows, "key": np.full(len(rows), key, dtype=np.int64), "source": source}
 
 
-def _exchange(pool: Samples, chunk: Pending, rng: np.random.Generator) -> Samples:
-    """Send out len(chunk) random samples of pool + chunk; refill the pool in place with the chunk's rest."""
-    held, incoming = len(pool["index"]), len(chunk)
-    picks = rng.permutation(held + incoming)[:incoming]
-    at_pool, at_chunk = np.flatnonzero(picks < held), np.flatnonzero(picks >= held)
-    freed, sent = picks[at_pool], picks[at_chunk] - held
-    out = {key: np.empty((incoming, *values.shape[1:]), values.dtype) for key, values in pool.items()}
-    for key, values in pool.items():
-        out[key][at_pool] = values[freed]
-    chunk.put(sent, out, at_chunk)
-    staying = np.ones(incoming, dtype=bool)
-    staying[sent] = False
-    chunk.put(np.flatnonzero(staying), pool, freed)
-    return out
+def _groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Positions of each distinct key, each in increasing order."""
+    if len(keys) and (keys == keys[0]).all():
+        return [np.arange(len(keys))]
+    order = np.argsort(keys, kind="stable")
+    cuts = np.flatnonzero(np.diff(keys[order])) + 1
+    return np.split(order, cuts)
 
 
-def rebatch(chunks: Iterable[Samples], size: int, drop_last: bool = False) -> Iterator[Samples]:
+class ShuffleBuffer:
+    """A shuffle buffer of `size` references, exchanged a chunk at a time, holding at most `live` shards.
+
+    Each incoming chunk of n samples sends out n samples drawn uniformly without replacement
+    from buffer + chunk, in random order; the chunk's samples not sent take the freed places.
+    Working on whole chunks keeps the cost to numpy gathers of a few small columns.
+
+    A shard's samples leave the buffer geometrically (half of them per exchange when chunks fill
+    it), so a shard is still referenced long after most of its samples have gone. Once more than
+    `live` shards are referenced, the oldest ones' remaining samples (a few percent of a shard
+    with the default) are copied into a Spill and the shards' bytes released: memory stays
+    bounded by `live` shards plus `size` samples, and the order of samples is unchanged.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator, pixels: ShardPixels, live: int) -> None:
+        if live < 1:
+            raise SamplerError(f"live_shards must be at least 1 (the shards the shuffle buffer keeps), got {live}")
+        self.size, self.rng, self.pixels, self.live = size, rng, pixels, live
+        self.pool: Refs | None = None
+
+    def __call__(self, chunks: Iterable[Refs]) -> Iterator[Refs]:
+        for chunk in chunks:
+            held = 0 if self.pool is None else len(self.pool["index"])
+            if held < self.size:  # filling
+                head = take(chunk, slice(0, self.size - held))
+                self.pool = head if self.pool is None else concat([self.pool, head])
+                chunk = take(chunk, slice(self.size - held, None))
+                self._bound()
+                if not len(chunk["index"]):
+                    continue
+            out = self._exchange(chunk)
+            self._bound()
+            yield out
+        if self.pool is not None and len(self.pool["index"]):
+            yield take(self.pool, self.rng.permutation(len(self.pool["index"])))
+        self.pool = None
+
+    def _exchange(self, chunk: Refs) -> Refs:
+        """Send out len(chunk) random samples of pool + chunk; refill the pool in place with the chunk's rest."""
+        pool = self.pool
+        assert pool is not None
+        held, incoming = len(pool["index"]), len(chunk["index"])
+        picks = self.rng.permutation(held + incoming)[:incoming]
+        at_pool, at_chunk = np.flatnonzero(picks < held), np.flatnonzero(picks >= held)
+        freed, sent = picks[at_pool], picks[at_chunk] - held
+        staying = np.ones(incoming, dtype=bool)
+        staying[sent] = False
+        kept = np.flatnonzero(staying)
+        out = {}
+        for key, values in pool.items():
+            column = np.empty(incoming, values.dtype)
+            column[at_pool] = values[freed]
+            column[at_chunk] = chunk[key][sent]
+            values[freed] = chunk[key][kept]
+            out[key] = column
+        return out
+
+    def _bound(self) -> None:
+        """Spill the oldest shards' samples while the pool references more than `live` shards."""
+        keys = self.pool["key"]
+        shards = np.unique(keys[keys >= 0])
+        if len(shards) <= self.live:
+            return
+        positions = np.flatnonzero(np.isin(keys, shards[: len(shards) - self.live]))
+        spilled = self.pixels.spill(take(self.pool, positions))
+        for key, values in spilled.items():
+            self.pool[key][positions] = values
+
+
+def shuffle_chunks(chunks: Iterable[Refs], size: int, rng: np.random.Generator, pixels: ShardPixels,
+                   live: int = 6) -> Iterator[Refs]:
+    """The references of `chunks`, shuffled through a `ShuffleBuffer` of `size` holding at most `live` shards."""
+    return ShuffleBuffer(size, rng, pixels, live)(chunks)
+
+
+def rebatch(chunks: Iterable[Refs], size: int, drop_last: bool = False) -> Iterator[Refs]:
     """Cut a stream of chunks into batches of `size` (the last may be smaller unless drop_last)."""
-    parts: list[Samples] = []
+    parts: list[Refs] = []
     have = 0
     for chunk in chunks:
         start, length = 0, len(chunk["index"])
@@ -336,11 +504,12 @@ def rebatch(chunks: Iterable[Samples], size: int, drop_last: bool = False) -> It
         yield concat(parts)
 
 
-def fit_count(chunks: Iterable[Samples], target: int, pad: int) -> Iterator[Samples]:
+def fit_count(chunks: Iterable[Refs], target: int, pad: int, pixels: ShardPixels) -> Iterator[Refs]:
     """Cut a stream at `target` samples, or pad it to `target` by repeating its first `pad` samples.
 
     This is what gives every rank the same number of batches per epoch (as DistributedSampler does):
-    the only repeats are the documented padding, at most one image per reader.
+    the only repeats are the documented padding, at most one image per reader. The repeated samples
+    are spilled (copied) at once, so that their shards need not stay alive until the end of the epoch.
     """
     sent, head = 0, []
     for chunk in chunks:
@@ -350,18 +519,18 @@ def fit_count(chunks: Iterable[Samples], target: int, pad: int) -> Iterator[Samp
         part = chunk if len(chunk["index"]) <= room else take(chunk, slice(0, room))
         held = sum(len(h["index"]) for h in head)
         if held < pad:
-            head.append(take(part, slice(0, pad - held)))
+            head.append(pixels.spill(take(part, slice(0, pad - held))))
         sent += len(part["index"])
         yield part
     if sent < target and head:
         yield take(concat(head), slice(0, target - sent))
 
 
-def take(samples: Samples, rows: slice | np.ndarray) -> Samples:
+def take(samples: Refs, rows: slice | np.ndarray) -> Refs:
     return {key: values[rows] for key, values in samples.items()}
 
 
-def concat(parts: list[Samples]) -> Samples:
+def concat(parts: list[Refs]) -> Refs:
     if len(parts) == 1:
         return parts[0]
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -377,8 +546,9 @@ class StreamLoader(EpochLoader):
     Resuming: the stream's order is a pure function of (seed, epoch, rank, world size,
     num_workers), so resuming replays the epoch and drops the batches the consumer had
     already received; the rest is identical to an uninterrupted run. The saved layout must
-    match: a state from another layout is refused. Policy changes (adaptive mode) reach
-    DataLoader workers when an epoch starts, so workers are never persistent.
+    match: a state from another layout is refused. Workers are persistent (they keep their mapped
+    shards and parsed headers from epoch to epoch, which a fresh process must fault in again); the
+    epoch and policy changes (adaptive mode) reach them through `StreamingVariantDataset.share_epoch`.
     """
 
     def __init__(self, dataset: StreamingVariantDataset, num_workers: int = 0, pin_memory: bool = False) -> None:
@@ -386,8 +556,10 @@ class StreamLoader(EpochLoader):
         self.dataset = dataset
         self.policy = dataset.policy
         self.num_workers = num_workers
-        self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                     pin_memory=pin_memory)
+        if num_workers:
+            dataset.share_epoch()
+        self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                     persistent_workers=num_workers > 0, pin_memory=pin_memory)
         slots = dataset.world_size * max(1, num_workers)
         if dataset.count < slots:
             raise SamplerError(f"split '{dataset.split}' has {dataset.count} images, fewer than the {slots} readers "
@@ -405,7 +577,7 @@ class StreamLoader(EpochLoader):
                 "num_workers": self.num_workers, "batch_size": self.dataset.batch_size}
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
-        self.dataset.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)  # also publishes the epoch and the policy's centres to the workers
         for index, batch in enumerate(self.dataloader):
             if index >= skip:
                 yield batch
