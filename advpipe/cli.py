@@ -257,11 +257,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from advpipe.config import load_config
     from advpipe.stores.inspect import card
+    from advpipe.urls import redact
 
     config = load_config(args.config)
     outcome, message = _generate(args, config)
     print(message)
-    print(card(outcome.manifest, Path(config.store.path)))
+    print(card(outcome.manifest, redact(config.store.path)))
     return 0
 
 
@@ -279,9 +280,11 @@ def _generate(args: argparse.Namespace, config):
     from advpipe.pipeline.job import generate
 
     outcome = generate(config, cluster=args.cluster, scheduler=args.scheduler, force=args.force, device=args.device)
+    from advpipe.urls import redact
+
     if outcome.status == "up-to-date":
-        return outcome, f"store {config.store.path} is up to date with {args.config}: nothing to do"
-    return outcome, (f"store {config.store.path} {outcome.status}: {outcome.computed} shard(s) computed, "
+        return outcome, f"store {redact(config.store.path)} is up to date with {args.config}: nothing to do"
+    return outcome, (f"store {redact(config.store.path)} {outcome.status}: {outcome.computed} shard(s) computed, "
                      f"{outcome.reused} reused")
 
 

@@ -517,7 +517,7 @@ class _BoundedLoader(yaml.SafeLoader):
     def get_single_node(self) -> Any:
         node = super().get_single_node()
         if node is not None:
-            pass  # MUTANT-0
+            _ExpandedSize().measure(node, 1)
         return node
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:

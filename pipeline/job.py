@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from advpipe import urls
 from advpipe.config import Config
 from advpipe.datasets import load_source
 from advpipe.devices import resolve_device
@@ -67,7 +69,6 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
              device: str | None = None, progress: bool = True) -> Outcome:
     """Fill `config.store.path` with every configured variant; see the module docstring."""
     config = absolute_paths(config)
-    store_dir = Path(config.store.path)
     device = str(resolve_device(device or config.device))
     _check_cluster(config, cluster, scheduler)
     plans = variant_plans(config)
@@ -76,9 +77,10 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     source_fps = {split: s.fingerprint for split, s in sources.items()}
     base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
     fingerprint = store_fingerprint(base, plans)
-    writer = StoreWriter(store_dir, config.store.backend, config.store.compression,
+    writer = StoreWriter(config.store.path, config.store.backend, config.store.compression,
                          store_layout(plans, config.store.precision),
-                         protect=[config.source.path] if config.source.path else [])
+                         protect=[config.source.path] if config.source.path else [],
+                         storage_options=urls.config_storage_options(config.store.path, config.store))
     with contextlib.ExitStack() as stack:
         client = _connect(config, scheduler, stack)
         writer.check_writable()
@@ -102,7 +104,7 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
         _warn_lost(manifest)
         writer.publish(manifest)
     status = "extended" if previous else "created"
-    log.info("%s: store %s (%d shards computed)", store_dir, status, len(pending))
+    log.info("%s: store %s (%d shards computed)", writer.shown, status, len(pending))
     return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
 
 
@@ -121,15 +123,17 @@ def _up_to_date(writer: StoreWriter, finished: Manifest, config: Config, plans: 
     _check_layout(finished, config)
     writer.cleanup()
     extra = sorted(set(finished.variant_names) - {p.name for p in plans})
-    log.info("%s is up to date (fingerprint %s)%s: nothing to do", writer.path, finished.fingerprint[:12],
+    log.info("%s is up to date (fingerprint %s)%s: nothing to do", writer.shown, finished.fingerprint[:12],
              f"; it also holds {', '.join(extra)}" if extra else "")
     return Outcome("up-to-date", finished, 0, 0)
 
 
 def absolute_paths(config: Config) -> Config:
-    """Workers may run elsewhere (another cwd, another node): send them absolute paths."""
-    def resolve(path: Path | None) -> Path | None:
-        return None if path is None else Path(path).expanduser().resolve()
+    """Workers may run elsewhere (another cwd, another node): send them absolute paths (a URL stays as it is)."""
+    def resolve(path: Path | str | None) -> Path | str | None:
+        if path is None or urls.is_remote(path):
+            return path
+        return Path(os.fspath(path).removeprefix("file://")).expanduser().resolve()
 
     return config.model_copy(update={
         "source": config.source.model_copy(update={"path": resolve(config.source.path)}),
@@ -171,8 +175,8 @@ def _check_cluster(config: Config, cluster: str | None, scheduler: str | None) -
 
 def _check_layout(manifest: Manifest, config: Config) -> None:
     if (manifest.backend, manifest.compression) != (config.store.backend, config.store.compression):
-        raise StoreError(f"{config.store.path}: the store holds the same data as a {manifest.backend} store "
-                         f"(compression {manifest.compression}); use `advpipe convert` for another layout")
+        raise StoreError(f"{urls.redact(config.store.path)}: the store holds the same data as a {manifest.backend} "
+                         f"store (compression {manifest.compression}); use `advpipe convert` for another layout")
 
 
 def _previous_for_extension(writer: StoreWriter, finished: Manifest | None, base: str, plans: list[VariantPlan],
@@ -187,14 +191,14 @@ def _previous_for_extension(writer: StoreWriter, finished: Manifest | None, base
                   and (finished.backend, finished.compression) == (config.store.backend, config.store.compression))
     if extendable:
         writer.take_offline(finished)  # the store is offline until the new manifest is written
-        log.info("extending %s with variant(s): %s", writer.path,
+        log.info("extending %s with variant(s): %s", writer.shown,
                  ", ".join(n for n in wanted if n not in finished.variant_names))
         return _extension(finished)
     if not force:
-        raise StoreError(f"{writer.path}: a store made with a different configuration exists here "
+        raise StoreError(f"{writer.shown}: a store made with a different configuration exists here "
                          f"({'; '.join(_differences(finished, base, plans))}); use another store.path, "
                          "or --force to replace it (this discards the store)")
-    log.warning("--force: replacing the store at %s", writer.path)
+    log.warning("--force: replacing the store at %s", writer.shown)
     writer.wipe()
     return None
 

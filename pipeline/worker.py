@@ -3,8 +3,9 @@
 A worker process keeps one context per job: the model is loaded once and every
 generator built once (an ART classifier wrapper included), then reused by every
 shard task that lands on it. Tasks carry only a small spec; the worker reads the
-source images itself and writes its shard straight into the store, so images
-never travel through the scheduler.
+source images itself and writes its shard straight into the store (a directory, or
+object storage with credentials from the worker's own environment), so images never
+travel through the scheduler and no shared file system is needed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from advpipe import urls
 from advpipe.config import Config, config_from_dict
 from advpipe.datasets import load_source
 from advpipe.errors import GenerationError, IntegrityError
@@ -104,7 +106,8 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
                       clean=clean, stored=stored, failed=failed)
     fault_point("mid-shard")
     writer = StoreWriter(config.store.path, config.store.backend, config.store.compression,
-                         store_layout(job.variants, config.store.precision))
+                         store_layout(job.variants, config.store.precision),
+                         storage_options=urls.config_storage_options(config.store.path, config.store))
     record = writer.write_shard(task.name, shard)
     progress = {"fingerprint": job.fingerprint, "record": record.model_dump(),
                 "tallies": {name: tally.to_dict() for name, tally in tallies.items()}}
@@ -151,8 +154,8 @@ def _existing_shard(config: Config, task: ShardTask, job: JobSpec, image_shape: 
     previous = job.extra["previous"]
     layout = Layout.build(previous["variants"], previous["precisions"], config.store.precision)
     record = ShardRecord.model_validate(previous["shards"][task.name])
-    reader = backend(config.store.backend).reader(ShardSource(config.store.path), record, layout, image_shape,
-                                                  "checksum")
+    source = ShardSource(config.store.path, urls.config_storage_options(config.store.path, config.store))
+    reader = backend(config.store.backend).reader(source, record, layout, image_shape, "checksum")
     data = reader.shard_data(task.split)
     if not np.array_equal(data.ids, np.arange(task.start, task.stop)):
         raise IntegrityError(f"shard {task.name}: holds other images than expected; regenerate with --force")

@@ -147,8 +147,7 @@ def convert_store(source: str | os.PathLike, target: str | Path, backend: str, c
     be the source, inside it or around it: replacing it (`overwrite`) would delete the source.
     """
     store = Store.open(source)
-    protect = [store.path] if isinstance(store.path, Path) else []
-    writer = StoreWriter(target, backend, compression, store.layout, protect=protect)
+    writer = StoreWriter(target, backend, compression, store.layout, protect=[store.source.location])
     with writer.locked():
         writer.prepare(overwrite, "advpipe convert")
         splits = {}

@@ -11,8 +11,15 @@ may have it open would let two writers hold two different files); the holder's d
 `.writer.json`, written atomically after the lock is taken and removed before it is released.
 Dask workers write shards but take no lock: the client holds it for them.
 
-`store_lock(location)` is the whole interface, so a lock for object-storage locations (whose
-writers do not share a kernel) can be added beside the local one.
+An object-storage store (s3://, gs://, az://) is written from machines that share no kernel,
+so its lock is the object `.writer.lock` under the store prefix, created exclusively (a
+conditional put: a second create fails) and holding the holder's description. The holder
+rewrites it every `HEARTBEAT_SECONDS` from a daemon thread and deletes it when done. A lock
+nobody can release (its holder was killed) is stale, and the next writer takes it over with a
+warning: when its holder ran on this host and that process is gone, or when its heartbeat is
+older than `ADVPIPE_LOCK_TTL` seconds (default 300, far above any heartbeat gap or clock skew).
+
+`store_lock(location)` is the whole interface.
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
+from advpipe import urls
 from advpipe.errors import StoreError
 from advpipe.io import atomic_write_json
 
@@ -38,25 +50,32 @@ LOCK_NAME = ".writer.lock"
 HOLDER_NAME = ".writer.json"
 #: Files of the lock itself: never part of a store's content, never deleted by a wipe or --force.
 LOCK_FILES = frozenset({LOCK_NAME, HOLDER_NAME})
+#: how often the holder of an object-storage lock rewrites it
+HEARTBEAT_SECONDS = 30.0
+#: a remote lock whose heartbeat is older than this (seconds) is stale; ADVPIPE_LOCK_TTL overrides it
+LOCK_TTL_SECONDS = 300.0
 
 
-def store_lock(location: str | os.PathLike) -> contextlib.AbstractContextManager[dict]:
+def store_lock(location: str | os.PathLike,
+               storage_options: dict[str, Any] | None = None) -> contextlib.AbstractContextManager[dict]:
     """Hold the exclusive writer lock of the store at `location` for a `with` block; yields the holder record.
 
     Raises StoreError at once, naming the holder, when another writer holds it.
     """
     text = os.fspath(location)
-    if "://" in text:
-        raise StoreError(f"{text}: stores are written to a local directory; write it locally, then copy it to "
-                         "object storage (readers open it there)")
-    return _local_lock(Path(text))
+    if urls.is_read_only(text):
+        raise StoreError(f"{urls.redact(text)}: '{urls.protocol(text)}://' is read-only for advpipe; write the "
+                         "store to a local directory or to object storage (s3://, gs://, az://)")
+    if urls.is_remote(text):
+        return _remote_lock(text, storage_options)
+    return _local_lock(Path(text.removeprefix("file://")))
 
 
 def holder_record() -> dict:
     """Who this writer is, in the words a refused second writer prints."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv) or sys.executable}
+            "command": urls.redact(" ".join(sys.argv) or sys.executable)}
 
 
 def describe_holder(holder: dict | None) -> str:
@@ -97,3 +116,132 @@ def _local_lock(directory: Path) -> Iterator[dict]:
         with contextlib.suppress(FileNotFoundError):
             (directory / HOLDER_NAME).unlink()
         lock.release()
+
+
+# object storage ---------------------------------------------------------------------------------
+
+
+def lock_ttl() -> float:
+    """Seconds after its last heartbeat that a remote lock is stale (ADVPIPE_LOCK_TTL, default 300)."""
+    text = os.environ.get("ADVPIPE_LOCK_TTL")
+    try:
+        ttl = float(text) if text else LOCK_TTL_SECONDS
+    except ValueError:
+        ttl = -1.0
+    if not ttl > 0:
+        raise StoreError(f"ADVPIPE_LOCK_TTL={text!r}: must be a positive number of seconds (default "
+                         f"{LOCK_TTL_SECONDS:.0f})")
+    return ttl
+
+
+def writer_filesystem(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fs, root) for writing at a remote location: a private instance without listing caches, so that
+    what other processes wrote (or deleted) is always seen."""
+    options = {**(storage_options or {}), "skip_instance_cache": True, "use_listings_cache": False}
+    fs, root = urls.filesystem(location, options)
+    return fs, root.rstrip("/")
+
+
+@contextlib.contextmanager
+def _remote_lock(location: str, storage_options: dict[str, Any] | None) -> Iterator[dict]:
+    lock_ttl()  # a bad ADVPIPE_LOCK_TTL is refused before the lock is taken
+    fs, root = writer_filesystem(location, storage_options)
+    key = f"{root}/{LOCK_NAME}"
+    shown = urls.redact(location)
+    holder = {**holder_record(), "token": uuid.uuid4().hex}
+    _take(fs, key, holder, shown)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(fs, key, holder, stop, shown), daemon=True,
+                            name="advpipe-lock-heartbeat")
+    beat.start()
+    log.debug("%s: writer lock taken (%s)", shown, describe_holder(holder))
+    try:
+        yield holder
+    finally:
+        stop.set()
+        beat.join()
+        if _token(fs, key) == holder["token"]:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(key)
+
+
+def _take(fs: Any, key: str, holder: dict, shown: str) -> None:
+    """Create the lock object exclusively; take over a stale one once; refuse a live holder."""
+    for attempt in range(2):
+        try:
+            with fs.open(key, "xb") as handle:
+                handle.write(_lock_bytes(holder))
+            return
+        except FileExistsError:
+            found, current = _read_lock(fs, key)
+            if not found:  # released between the create and the read
+                continue
+            reason = _stale(current)
+            if reason is None or attempt:
+                raise StoreError(f"{shown}: another advpipe writer is using this store ({describe_holder(current)}); "
+                                 "wait for it to finish or end it, then re-run (a killed writer's lock is taken "
+                                 f"over once its process is gone, or {lock_ttl():.0f} s after its last heartbeat)"
+                                 ) from None
+            log.warning("%s: taking over the writer lock of %s: %s", shown, describe_holder(current), reason)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(key)
+        except OSError as exc:
+            raise StoreError(f"{shown}: cannot lock the store for writing ({urls.redact(exc)}); check the location "
+                             "and that your credentials may write there") from None
+
+
+def _lock_bytes(holder: dict) -> bytes:
+    return (json.dumps({**holder, "heartbeat": time.time()}, sort_keys=True) + "\n").encode()
+
+
+def _read_lock(fs: Any, key: str) -> tuple[bool, dict | None]:
+    """(whether the lock object exists, its holder: None when unreadable)."""
+    try:
+        value = json.loads(fs.cat_file(key))
+    except FileNotFoundError:
+        return False, None
+    except (OSError, ValueError, RecursionError):
+        return True, None
+    return True, value if isinstance(value, dict) else None
+
+
+def _token(fs: Any, key: str) -> str | None:
+    """The token of the lock object's holder (None: no lock, or an unreadable one)."""
+    holder = _read_lock(fs, key)[1]
+    return holder.get("token") if holder else None
+
+
+def _stale(holder: dict | None) -> str | None:
+    """Why a remote lock can be taken over, or None while its holder may still be alive."""
+    if holder is None:
+        return "its lock object is unreadable"
+    heartbeat = holder.get("heartbeat")
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+            and not _alive(holder["pid"]):
+        return "that process no longer exists on this host"
+    if not isinstance(heartbeat, int | float) or time.time() - heartbeat > lock_ttl():
+        return f"no heartbeat for more than {lock_ttl():.0f} s (ADVPIPE_LOCK_TTL)"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _heartbeat(fs: Any, key: str, holder: dict, stop: threading.Event, shown: str) -> None:
+    """Rewrite the lock object every HEARTBEAT_SECONDS while it is still ours."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            if _token(fs, key) != holder["token"]:
+                log.error("%s: the writer lock was taken over by another writer; this run's shards may be mixed "
+                          "with that run's: re-run with --force when both have ended", shown)
+                return
+            fs.pipe_file(key, _lock_bytes(holder))
+        except OSError as exc:
+            log.warning("%s: could not refresh the writer lock (%s); retrying", shown, urls.redact(exc))

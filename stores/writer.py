@@ -65,27 +65,33 @@ class RemoteDir:
     def __str__(self) -> str:
         return self.shown
 
-    @property
-    def fs(self) -> Any:
+    def _opened(self) -> tuple[Any, str]:
         if self._fs is None:
             self._fs = writer_filesystem(self.location, self.storage_options)
-        return self._fs[0]
+        return self._fs
+
+    @property
+    def fs(self) -> Any:
+        return self._opened()[0]
 
     @property
     def root(self) -> str:
-        self.fs  # noqa: B018 -- opens the filesystem, which knows the root
-        return self._fs[1]
+        return self._opened()[1]
 
     def key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
     @contextlib.contextmanager
-    def errors(self, what: str) -> Iterator[None]:
-        """Turn a storage error into a StoreError naming the location (credentials redacted)."""
+    def errors(self, what: str, missing: bool = False) -> Iterator[None]:
+        """Turn a storage error into a StoreError naming the location (credentials redacted); with `missing`,
+        FileNotFoundError passes through (a read of an object that may not exist)."""
         try:
             yield
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:
+            if missing:
+                raise
+            raise StoreError(f"{self.shown}: cannot {what} ({urls.redact(exc)}); check the URL (does the bucket "
+                             "exist?)") from None
         except OSError as exc:
             raise StoreError(f"{self.shown}: cannot {what} ({urls.redact(exc)}); check the location and that your "
                              "credentials may write there, then re-run (finished shards are kept)") from None
@@ -95,7 +101,7 @@ class RemoteDir:
             return self.fs.isfile(self.key(name))
 
     def read(self, name: str) -> bytes:
-        with self.errors(f"read {name}"):
+        with self.errors(f"read {name}", missing=True):
             return self.fs.cat_file(self.key(name))
 
     def write(self, name: str, data: bytes) -> None:
@@ -112,12 +118,12 @@ class RemoteDir:
         """Every object under the prefix, relative to it."""
         prefix = f"{self.root}/"
         with self.errors("list the store"):
-            found = self.fs.find(self.root) if self.root else []
+            found = self.fs.find(self.root)
         return sorted(path[len(prefix):] for path in found if path.startswith(prefix))
 
     def delete(self, names: Sequence[str]) -> None:
         if names:
-            with self.errors("delete old store objects"), contextlib.suppress(FileNotFoundError):
+            with self.errors("delete old store objects", missing=True), contextlib.suppress(FileNotFoundError):
                 self.fs.rm([self.key(name) for name in names])
 
 

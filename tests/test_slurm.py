@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import digits_config, shard_file_sums, shard_sums, wait_for
+from conftest import S3_TEST_CREDENTIALS, digits_config, shard_file_sums, shard_sums, wait_for
 
 from advpipe.cli import main
 from advpipe.config import config_from_dict
@@ -22,9 +22,13 @@ from advpipe.errors import ConfigError
 JOBS = 2
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "s3"])
 def store_location(request, tmp_path) -> str:
-    """Where the SLURM jobs write the store; a parameter per kind of location (local: this node's disk)."""
+    """Where the SLURM jobs write the store; a parameter per kind of location (local: this node's disk; s3: a bucket
+    on moto's S3 server, as on a cluster without a shared file system: the jobs get its credentials and endpoint
+    from the AWS_* environment they inherit, never from the config)."""
+    if request.param == "s3":
+        return f"{request.getfixturevalue('s3_bucket')}/stores/digits"
     return str(tmp_path / "store")
 
 
@@ -74,6 +78,14 @@ def test_generate_on_a_real_slurm_cluster_writes_the_local_bytes(slurm_cluster, 
     assert len(logs) == JOBS
     for log in logs:
         assert re.search(r"Registered to:\s+tcp://127\.0\.0\.1:\d+", log.read_text()), log.read_text()[-2000:]
+    if store_location.startswith("s3://"):  # no credential in any object of the store, nor in the jobs' logs
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(store_location)
+        texts = {path: fs.cat_file(path) for path in fs.find(root)}
+        texts |= {str(p): p.read_bytes() for p in (tmp_path / "slurm-logs").rglob("*") if p.is_file()}
+        secrets = [S3_TEST_CREDENTIALS[key].encode() for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        assert "manifest.json" in " ".join(texts) and not [(w, s) for w, t in texts.items() for s in secrets if s in t]
     # Closing the cluster cancels its jobs: nothing is left holding the node.
     wait_for(lambda: True if not own_jobs(slurm_cluster) else None, "the dask-worker jobs to leave the queue", 60)
 
