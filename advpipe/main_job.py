@@ -53,7 +53,7 @@ def run_main_job(config: Config, options: JobOptions, say: Callable[[str], None]
                        device=options.device, progress=options.progress)
     say(f"[2/{STEPS}] store {config.store.path} {outcome.status}: {outcome.computed} shard(s) computed, "
         f"{outcome.reused} reused")
-    report = verify_store(config.store.path, progress=options.progress)
+    report = verify_store(config.store.path, progress=options.progress, storage_options=_options(config))
     if not report.ok:
         for problem in report.problems:
             say(f"FAIL {problem}")
@@ -134,7 +134,7 @@ def evaluate_runs(config: Config, run_dirs: dict[str, Path], options: JobOptions
     from advpipe.trainers.evaluate import default_out, evaluate
     from advpipe.trainers.report import load_evaluation
 
-    fingerprint = open_store(config.store.path).manifest.fingerprint
+    fingerprint = open_store(config.store.path, storage_options=_options(config)).manifest.fingerprint
     settings = config.evaluation.model_dump(mode="json")
     outs = []
     for index, (name, run_dir) in enumerate(run_dirs.items(), 1):
@@ -146,8 +146,8 @@ def evaluate_runs(config: Config, run_dirs: dict[str, Path], options: JobOptions
         if current:
             say(f"[5/{STEPS}] evaluation {index}/{len(run_dirs)} {name}: up to date")
         else:
-            result = evaluate(run_dir, config.store.path, config=config.evaluation, out=out, device=options.device,
-                              progress=options.progress)
+            result = evaluate(run_dir, config.store.path, storage_options=_options(config), config=config.evaluation,
+                              out=out, device=options.device, progress=options.progress)
             say(f"[5/{STEPS}] evaluation {index}/{len(run_dirs)} {name}: "
                 f"{result.record['wall_time_s']['total']:.0f} s")
         outs.append(out)
@@ -173,3 +173,10 @@ def _readable(load: Callable[[Path], dict], path: Path) -> dict | None:
         return load(path)
     except AdvpipeError:
         return None
+
+
+def _options(config: Config) -> dict:
+    """The fsspec options of the config's store (its endpoint_url and storage_options keys)."""
+    from advpipe.urls import config_storage_options
+
+    return config_storage_options(config.store.path, config.store)

@@ -706,12 +706,12 @@ def default_out(target: Path) -> Path:
 
 def evaluate(target: str | Path, store_location: str | Path, *, config: EvaluationConfig | None = None,
              out: str | Path | None = None, device: str | torch.device | None = "auto",
-             progress: bool = True) -> EvaluationResult:
+             progress: bool = True, storage_options: dict | None = None) -> EvaluationResult:
     """Evaluate a checkpoint or run directory on a store's test split; write evaluation.json, .md and plots."""
     config = config or EvaluationConfig()
     target = Path(target)
     device_ = resolve_device(device)
-    store = open_store(store_location)
+    store = open_store(store_location, storage_options=storage_options)
     subject = load_subject(target)
     check_fits(subject, store)
     out_dir = Path(out) if out is not None else default_out(target)

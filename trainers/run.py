@@ -34,6 +34,7 @@ from advpipe.trainers import distributed
 from advpipe.trainers.loop import Checkpointing, fit
 from advpipe.trainers.metrics import MetricsWriter, read_metrics
 from advpipe.trainers.registry import MethodContext, build_method, method_name, validate_method
+from advpipe.urls import config_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
     """
     entry = method_entry(config, name)
     device_ = distributed.init_from_environment(resolve_device(device or config.device))
-    store = open_store(config.store.path)
+    store = open_store(config.store.path, storage_options=config_storage_options(config.store.path, config.store))
     context = _context(config, store, entry)
     run_dir = Path(out) if out is not None else config.train.runs_dir / config.name / name
     settings = _settings(config, name, entry, store, context)
