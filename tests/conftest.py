@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +328,18 @@ def slurm_cluster() -> str:
         yield "debug"
     finally:
         script("stop")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Fail (rather than hang) when the block runs past `seconds`: SIGALRM raises inside whatever is running."""
+    def over(signum: int, frame: object) -> None:
+        raise AssertionError(f"still running after the {seconds:.0f} s budget")
+
+    previous = signal.signal(signal.SIGALRM, over)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

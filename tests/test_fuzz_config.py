@@ -10,14 +10,12 @@ configs with bytes spliced, repeated or deleted. Runs are derandomised so CI see
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from conftest import time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,21 +45,6 @@ for _data in SHIPPED:
 YAML_CHARS = "&*!|>'\"%@`#,[]{}:-?<= \t\n\r.0123456789eE+_~abxyzlnotrufsLNO\\/\x00\x85\ufeff\u2028é"
 SECTIONS = {name: sorted(field.annotation.model_fields) if hasattr(field.annotation, "model_fields") else []
             for name, field in Config.model_fields.items()}
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Fail (rather than hang) when the block runs past `seconds`: SIGALRM raises inside whatever is running."""
-    def over(signum: int, frame: object) -> None:
-        raise AssertionError(f"still running after the {seconds:.0f} s budget")
-
-    previous = signal.signal(signal.SIGALRM, over)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def check(data: bytes) -> Config | None:

@@ -9,13 +9,11 @@ the `advpipe` command: exit code 2, one line on stderr, no traceback, nothing wr
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
 import json
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -24,14 +22,14 @@ import time
 import tracemalloc
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import digits_config, write_test_store
+from conftest import digits_config, time_limit, write_test_store
 from PIL import Image
 
 from advpipe.cli import main as cli_main
@@ -70,21 +68,6 @@ class Hostile:
     call: Callable[[], object]
     error: type[AdvpipeError]
     match: str  # a regex the message must match
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Fail (rather than hang) when the block runs past `seconds`: SIGALRM raises inside whatever is running."""
-    def over(signum: int, frame: object) -> None:
-        raise AssertionError(f"still running after the {seconds:.0f} s budget")
-
-    previous = signal.signal(signal.SIGALRM, over)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def refused(case: Hostile) -> str:
