@@ -9,18 +9,29 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 CHUNK = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+        return copy_hashing(handle)[0]
+
+
+def copy_hashing(source: IO[bytes], out: IO[bytes] | None = None, block: int = CHUNK) -> tuple[str, int]:
+    """(hex sha256, size) of a stream read to its end, copied into `out` on the way when given.
+
+    One pass over the bytes: a download is checked as it arrives, never read twice.
+    """
+    digest, size = hashlib.sha256(), 0
+    while chunk := source.read(block):
+        digest.update(chunk)
+        if out is not None:
+            out.write(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def sha256_json(value: Any) -> str:

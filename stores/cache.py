@@ -20,7 +20,6 @@ Readers only ever read the remote store; the cache directory is the only thing t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import mmap
 import multiprocessing
@@ -36,6 +35,7 @@ from typing import IO, Any
 import filelock
 
 from advpipe.errors import IntegrityError, StoreError
+from advpipe.io import copy_hashing
 from advpipe.stores.manifest import ShardRecord
 
 log = logging.getLogger(__name__)
@@ -134,17 +134,13 @@ class ShardCache:
     def _download(self, record: ShardRecord, open_remote: Callable[[], IO[bytes]], path: Path, origin: str) -> int:
         """Stream the object into a temporary file, hashing as it arrives; rename it into place if it matches."""
         fd, tmp = tempfile.mkstemp(prefix=f"{record.sha256}.", dir=self.root / "tmp")
-        digest, size = hashlib.sha256(), 0
         try:
             with os.fdopen(fd, "wb") as out, _remote(record, open_remote, origin) as remote:
-                while block := remote.read(BLOCK):
-                    digest.update(block)
-                    out.write(block)
-                    size += len(block)
+                digest, size = copy_hashing(remote, out, BLOCK)
             if size != record.bytes:
                 raise IntegrityError(f"shard {record.name}: {size} bytes, manifest says {record.bytes} "
                                      f"(truncated or replaced in {origin})")
-            if digest.hexdigest() != record.sha256:
+            if digest != record.sha256:
                 raise IntegrityError(f"shard {record.name}: sha256 does not match the manifest (the object in "
                                      f"{origin} is corrupt)")
             os.chmod(tmp, 0o644)

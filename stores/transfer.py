@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from advpipe import urls
 from advpipe.errors import IntegrityError, StoreError
-from advpipe.io import atomic_path, atomic_write_bytes, check_writable
+from advpipe.io import atomic_path, atomic_write_bytes, check_writable, copy_hashing, sha256_file
 from advpipe.stores.card import CARD_NAME, render_card
 from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
 from advpipe.stores.source import ShardSource
@@ -113,14 +113,11 @@ def _publish(store: str | os.PathLike, url: str, storage_options: dict[str, Any]
 
 
 def _check_local(path: Path, record: ShardRecord, shown: str) -> None:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            while block := handle.read(BLOCK):
-                digest.update(block)
+        digest = sha256_file(path)
     except FileNotFoundError:
         raise IntegrityError(f"shard {record.name}: missing from {shown}") from None
-    if digest.hexdigest() != record.sha256:
+    if digest != record.sha256:
         raise IntegrityError(f"shard {record.name}: sha256 does not match the manifest (the file in {shown} is "
                              "corrupt); nothing corrupt is published: restore it, or regenerate the store")
 
@@ -147,7 +144,7 @@ def _remote_matches(fs, path: str, size: int, sha256: str) -> bool:
         if fs.size(path) != size:
             return False
         with fs.open(path, "rb") as handle:
-            return _hash(handle) == sha256
+            return copy_hashing(handle, block=BLOCK)[0] == sha256
     except FileNotFoundError:
         return False
 
@@ -182,7 +179,7 @@ def _fetch(url: str | os.PathLike, directory: str | os.PathLike, storage_options
     def one(record: ShardRecord) -> bool:
         """Put one shard in place; False when a verified copy was already there."""
         path = directory / record.name
-        if path.is_file() and path.stat().st_size == record.bytes and _file_hash(path) == record.sha256:
+        if path.is_file() and path.stat().st_size == record.bytes and sha256_file(path) == record.sha256:
             return False
         with atomic_path(path) as tmp, _opened(fs, f"{root}/{record.name}", record, source.shown) as remote:
             digest, size = _copy(remote, tmp)
@@ -219,18 +216,8 @@ def _opened(fs, path: str, record: ShardRecord, shown: str):
 
 
 def _copy(remote: IO[bytes], target: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
     with open(target, "wb") as out:
-        while block := remote.read(BLOCK):
-            digest.update(block)
-            out.write(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-def _file_hash(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return _hash(handle)
+        return copy_hashing(remote, out, BLOCK)
 
 
 # shared ----------------------------------------------------------------------------------------------
@@ -289,10 +276,3 @@ def _each(function: Callable[[ShardRecord], bool], records: list[ShardRecord], w
             report.bytes += record.bytes
         else:
             report.kept.append(record.name)
-
-
-def _hash(handle: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    while block := handle.read(BLOCK):
-        digest.update(block)
-    return digest.hexdigest()
