@@ -43,10 +43,18 @@ def _own_path(value: Path, key: str) -> Path:
 class SourceConfig(Section):
     """Where the clean images come from (see advpipe.datasets)."""
 
-    kind: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "npz"] = (
+    kind: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "npz", "webdataset"] = (
         "digits"
     )
-    path: Path | None = None
+    #: a local path; for `webdataset` also a URL (s3://, http(s)://, ...) and WebDataset brace patterns
+    #: ("s3://bucket/imagenet/train-{000000..001281}.tar")
+    path: Path | str | None = None
+    #: `webdataset` only: the predefined test split's shards (a pattern, directory or URL); unset: split `path`
+    test_path: Path | str | None = None
+    #: `webdataset` only: the member holding each image's label: `cls` (an ASCII integer) or `json:KEY`
+    label: str = Field(default="cls", pattern=r"^(cls|json:[A-Za-z0-9_.-]+)$")
+    #: `webdataset` only: the class names, in label order (None: '0', '1', ... up to the largest label)
+    class_names: tuple[str, ...] | None = None
     image_size: int | None = Field(default=None, ge=4, le=1024)
     channels: Literal[1, 3] | None = None
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -55,12 +63,45 @@ class SourceConfig(Section):
     #: leave its own test set unused, e.g. CIFAR-10's 50k training images -> 45k/5k (the detector paper)
     test_from_train: bool = False
     limit: int | None = Field(default=None, ge=1, description="keep only the first N images per split")
+    #: endpoint of an S3-compatible service holding a `webdataset` source; None: AWS_ENDPOINT_URL(_S3), else AWS
+    endpoint_url: str | None = None
+    #: further fsspec options for the source's protocol (e.g. profile, anon); never credentials
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("path", "test_path", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """A URL stays a string (a Path would fold its '//'); anything else is a local path."""
+        if isinstance(value, str) and _URL.match(value):
+            return value
+        return Path(value) if isinstance(value, str) else value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from advpipe.urls import check_options
+
+        try:
+            return check_options(value, "")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
         if self.kind != "digits" and self.path is None:
             raise ValueError(f"source.kind '{self.kind}' needs source.path")
+        if isinstance(self.path, str) and self.kind != "webdataset":
+            raise ValueError(f"source.kind '{self.kind}' reads a local path, not the URL '{self.path}'; only "
+                             "source.kind 'webdataset' reads from object storage or the web")
+        if self.kind != "webdataset" and (self.test_path is not None or self.class_names is not None
+                                          or self.label != "cls"):
+            raise ValueError("source.test_path, source.label and source.class_names belong to source.kind "
+                             f"'webdataset', not '{self.kind}'")
         return self
+
+    def cache_key(self) -> str:
+        """The config as canonical JSON: a hashable key (storage_options makes the model itself unhashable)."""
+        return self.model_dump_json()
 
 
 class ModelConfig(Section):
@@ -188,12 +229,17 @@ class SlurmConfig(Section):
     interface: str | None = None
     #: where the jobs' stdout/stderr go (None: SLURM's default, slurm-JOBID.out in the submitting directory)
     log_directory: str | None = None
+    #: GPUs per job (#SBATCH --gres=gpu:N); each of the job's worker processes then sees one of them
+    gpus_per_job: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _whole_cores(self) -> SlurmConfig:
         if self.processes > self.cores:
             raise ValueError(f"processes ({self.processes}) must not exceed cores ({self.cores}): each worker "
                              "process needs at least one core's thread")
+        if self.gpus_per_job and self.processes > self.gpus_per_job:
+            raise ValueError(f"processes ({self.processes}) must not exceed gpus_per_job ({self.gpus_per_job}): "
+                             "each worker process gets a GPU of its own")
         return self
 
 

@@ -27,6 +27,12 @@ class DataError(AdvpipeError):
     """A source dataset is missing or malformed."""
 
 
+class SourceChangedError(DataError):
+    """A source's bytes are not those its index recorded (changed under a job, or corrupt)."""
+
+    exit_code = 3
+
+
 class ModelError(AdvpipeError):
     """A model architecture or checkpoint is unknown, malformed or mismatched."""
 

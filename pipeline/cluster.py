@@ -6,20 +6,27 @@ The same job runs unchanged on each; only the Dask client differs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
 
 from advpipe.config import GenerationConfig, SlurmConfig
 from advpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: The variable CUDA reads, once per process, for the GPUs that process may see.
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 #: How long the client tries to reach an existing scheduler before giving up.
 SCHEDULER_TIMEOUT = "20s"
 #: The variable Dask reads, when a process imports it, for the level of its `distributed` loggers.
@@ -53,13 +60,48 @@ def check_spec(spec: str) -> None:
     local_workers(spec)
 
 
+def gpu_ids(device: str | None) -> list[str] | None:
+    """The GPUs to give one worker each for `device`, or None when workers are not pinned.
+
+    Only a plain `cuda` pins (a worker per GPU, as dask-cuda's LocalCUDACluster does); `cuda:K`
+    is an explicit choice and puts every worker on GPU K. The ids are those this process sees:
+    its own CUDA_VISIBLE_DEVICES when set (a SLURM allocation sets it), else 0 .. count - 1.
+    """
+    if device not in ("cuda", "cuda:0") or not _cuda_count():
+        return None
+    visible = os.environ.get(VISIBLE_DEVICES)
+    if visible:
+        return [part.strip() for part in visible.split(",") if part.strip()]
+    return [str(i) for i in range(_cuda_count())]
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pinned_workers(spec: str, gpus: list[str]) -> list[str]:
+    """The GPU of each local worker: `local` -> one worker per GPU; `local:N` -> the first N (N <= GPUs)."""
+    count = len(gpus) if spec == "local" else local_workers(spec)
+    if count > len(gpus):
+        raise ConfigError(f"cluster '{spec}' with --device cuda asks for {count} workers but this machine has "
+                          f"{len(gpus)} GPU(s), one per worker; use local:{len(gpus)} (or fewer)")
+    return gpus[:count]
+
+
 @contextlib.contextmanager
 def dask_client(generation: GenerationConfig, cluster: str | None = None,
-                scheduler: str | None = None) -> Iterator[object]:
-    """Yield a connected `distributed.Client`, closing whatever this call started."""
-    from distributed import Client, LocalCluster
+                scheduler: str | None = None, device: str | None = None,
+                gpus: list[str] | None = None) -> Iterator[object]:
+    """Yield a connected `distributed.Client`, closing whatever this call started.
+
+    With `device` "cuda" (or explicit `gpus`), each worker this call starts sees one GPU of its own.
+    """
+    from distributed import Client
 
     scheduler = scheduler or generation.scheduler
+    gpus = gpus if gpus is not None else gpu_ids(device)
     spec = cluster or generation.cluster
     if scheduler:
         try:
@@ -75,10 +117,10 @@ def dask_client(generation: GenerationConfig, cluster: str | None = None,
         started.scale(jobs=generation.slurm.jobs)
     else:
         with _quiet_workers():
-            started = LocalCluster(n_workers=local_workers(spec), threads_per_worker=generation.threads_per_worker,
-                                   processes=True, dashboard_address=":0",  # a free port: never "8787 in use"
-                                   silence_logs=logging.WARNING)
+            started = local_cluster(spec, generation.threads_per_worker, gpus)
     with started, Client(started) as client:
+        if spec == "slurm" and generation.slurm.gpus_per_job:
+            client.register_plugin(OneGpuPerProcess(), name="advpipe-one-gpu-per-process")
         _announce(client, spec)
         try:
             yield client
@@ -86,6 +128,42 @@ def dask_client(generation: GenerationConfig, cluster: str | None = None,
             # the user's Ctrl-C has its one-line answer; closing busy workers is not news
             logging.getLogger("distributed").setLevel(logging.CRITICAL)
             raise
+
+
+def local_cluster(spec: str, threads: int, gpus: list[str] | None):
+    """A LocalCluster of worker processes; with `gpus`, worker i sees only GPU gpus[i]."""
+    from distributed import LocalCluster
+
+    options = {"threads_per_worker": threads, "processes": True, "silence_logs": logging.WARNING,
+               "dashboard_address": ":0"}  # a free port: never "8787 in use"
+    if gpus is None:
+        return LocalCluster(n_workers=local_workers(spec), **options)
+    cluster = LocalCluster(n_workers=0, **options)
+    for gpu in pinned_workers(spec, gpus):
+        worker = copy.deepcopy(cluster.new_spec)
+        worker["options"]["env"] = {**worker["options"].get("env", {}), VISIBLE_DEVICES: gpu}
+        cluster.worker_spec[f"gpu-{gpu}"] = worker  # the environment is set before the worker process starts
+    cluster.scale(len(cluster.worker_spec))  # starts the workers just specified
+    cluster.wait_for_workers(len(cluster.worker_spec))
+    log.info("dask: one worker per GPU (%s)", ", ".join(f"{VISIBLE_DEVICES}={g}" for g in pinned_workers(spec, gpus)))
+    return cluster
+
+
+class OneGpuPerProcess:
+    """A worker plugin for SLURM jobs with several GPUs and as many worker processes: process i of a job
+    keeps only the i-th of the job's GPUs in its CUDA_VISIBLE_DEVICES (set before any task touches CUDA)."""
+
+    def setup(self, worker) -> None:
+        visible = [part for part in os.environ.get(VISIBLE_DEVICES, "").split(",") if part]
+        match = re.search(r"-(\d+)$", str(worker.name))
+        if len(visible) > 1 and match:
+            os.environ[VISIBLE_DEVICES] = visible[int(match.group(1)) % len(visible)]
+
+    def teardown(self, worker) -> None:
+        """Nothing to undo: the process ends with its worker."""
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        """Not used: the plugin acts once, at setup."""
 
 
 @contextlib.contextmanager
@@ -114,13 +192,39 @@ def _quiet_workers() -> Iterator[None]:
             os.environ[WORKER_LOGGING] = saved
 
 
+def dask_runner(client: Any, progress: bool = True) -> Callable[[Callable[..., Any], Sequence[Any], str], list]:
+    """A Runner (advpipe.datasets.lazy) that maps tasks over `client`'s workers, results in order."""
+    from distributed import as_completed
+
+    from advpipe.errors import AdvpipeError, GenerationError
+
+    def run(function: Callable[..., Any], items: Sequence[Any], what: str) -> list:
+        futures = client.map(function, list(items), pure=False)
+        try:
+            with tqdm(total=len(futures), desc=what, unit="task", disable=not progress or len(futures) < 2) as bar:
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+            return [future.result() for future in futures]
+        except AdvpipeError:
+            raise
+        except Exception as exc:
+            raise GenerationError(f"{what}: a task failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                client.cancel(futures)
+
+    return run
+
+
 def slurm_cluster(slurm: SlurmConfig):
     """A dask-jobqueue SLURMCluster built from the config (its `job_script()` is what gets submitted)."""
     from dask_jobqueue import SLURMCluster
 
+    gres = [f"--gres=gpu:{slurm.gpus_per_job}"] if slurm.gpus_per_job else []
     return SLURMCluster(
         queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=slurm.processes,
-        memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=slurm.job_extra_directives,
+        memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=[*slurm.job_extra_directives, *gres],
         job_script_prologue=slurm.job_script_prologue, local_directory=slurm.local_directory,
         python=slurm.python or sys.executable, interface=slurm.interface, log_directory=slurm.log_directory,
         scheduler_options={"dashboard_address": ":0"},  # a free port, as for a LocalCluster; the log names it

@@ -34,10 +34,12 @@ from tqdm.auto import tqdm
 
 from advpipe import urls
 from advpipe.config import Config
-from advpipe.datasets import load_source
+from advpipe.datasets import LAZY_READERS, Source, load_source
+from advpipe.datasets.lazy import LazySource, Runner, inline_runner
 from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError, GenerationError, StoreError
 from advpipe.faults import fault_point
+from advpipe.pipeline.cluster import dask_runner
 from advpipe.pipeline.plan import (
     JobSpec,
     ShardTask,
@@ -72,11 +74,6 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     device = str(resolve_device(device or config.device))
     _check_cluster(config, cluster, scheduler)
     plans = variant_plans(config)
-    sources = {split: _read_source(config, split) for split in config.store.splits}
-    model_meta = _model_meta(config, plans, sources)
-    source_fps = {split: s.fingerprint for split, s in sources.items()}
-    base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
-    fingerprint = store_fingerprint(base, plans)
     writer = StoreWriter(config.store.path, config.store.backend, config.store.compression,
                          store_layout(plans, config.store.precision),
                          protect=[config.source.path] if config.source.path else [],
@@ -84,6 +81,14 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     with contextlib.ExitStack() as stack:
         client = _connect(config, scheduler, stack)
         writer.check_writable()
+        if client is None and config.source.kind in LAZY_READERS and _uses_workers(config, cluster):
+            client = _start(config, cluster, device, stack)  # a lazy source is indexed on the workers that generate
+        runner = dask_runner(client, progress) if client is not None else inline_runner(progress)
+        sources = {split: _read_source(config, split, runner) for split in config.store.splits}
+        model_meta = _model_meta(config, plans, sources)
+        source_fps = {split: s.fingerprint for split, s in sources.items()}
+        base = base_fingerprint(config, source_fps, model_meta.fingerprint if model_meta else None)
+        fingerprint = store_fingerprint(base, plans)
         stack.enter_context(writer.locked())
         finished = writer.existing(force)
         if finished is not None and (finished.fingerprint == fingerprint or _covers(finished, base, plans)):
@@ -93,8 +98,8 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
 
         job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
                       base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
-                      device=device,
-                      extra={"previous": previous} if previous else {})
+                      device=device, extra={"previous": previous} if previous else {},
+                      sources={split: s for split, s in sources.items() if isinstance(s, LazySource)})
         tasks = _plan_tasks(config, sources, plans, previous)
         pending = [t for t in tasks if not writer.is_done(t.split, t.index, t.name, fingerprint)]
         log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))
@@ -106,6 +111,17 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
     status = "extended" if previous else "created"
     log.info("%s: store %s (%d shards computed)", writer.shown, status, len(pending))
     return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
+
+
+def _uses_workers(config: Config, cluster: str | None) -> bool:
+    return (cluster or config.generation.cluster) != "inline"
+
+
+def _start(config: Config, cluster: str | None, device: str, stack: contextlib.ExitStack) -> Any:
+    """Start this run's own workers (local or SLURM) now, for the index pass and then the shards."""
+    from advpipe.pipeline.cluster import dask_client
+
+    return stack.enter_context(dask_client(config.generation, cluster, device=device))
 
 
 def _connect(config: Config, scheduler: str | None, stack: contextlib.ExitStack) -> Any:
@@ -143,8 +159,9 @@ def absolute_paths(config: Config) -> Config:
     })
 
 
-def _read_source(config: Config, split: str):
-    source = load_source(config.source, split)
+def _read_source(config: Config, split: str, runner: Runner) -> Source:
+    """The split as a Source; a lazy one is indexed (every byte read once, no pixel decoded) by `runner`."""
+    source = load_source(config.source, split, runner)
     fault_point("source-read")
     return source
 
@@ -265,7 +282,7 @@ def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | No
         return
     from advpipe.pipeline.cluster import dask_client
 
-    with dask_client(config.generation, cluster) as started:
+    with dask_client(config.generation, cluster, device=job.device) as started:
         _run_on(started, tasks, job, config, progress)
 
 
@@ -274,7 +291,9 @@ def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, p
     from distributed import as_completed
 
     keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}" for t in tasks]
-    futures = client.map(run_shard, tasks, job=job, key=keys, retries=config.generation.retries, pure=False)
+    # sent once to each worker, not with every task: a lazy source's index grows with the split
+    shared = client.scatter(job, broadcast=True, hash=False) if job.sources else job
+    futures = client.map(run_shard, tasks, job=shared, key=keys, retries=config.generation.retries, pure=False)
     bar = tqdm(total=len(tasks), desc="shards", unit="shard", disable=not progress)
     try:
         for future in as_completed(futures):
@@ -320,7 +339,8 @@ def _assemble(writer: StoreWriter, config: Config, job: JobSpec, tasks: list[Sha
         format_version=FORMAT_VERSION, fingerprint=job.fingerprint, backend=config.store.backend,
         precision=config.store.precision, compression=config.store.compression,
         image_shape=(channels, height, width), class_names=list(first.class_names), seed=config.seed,
-        source={"kind": config.source.kind, "config": config.source.model_dump(mode="json")},
+        source={"kind": config.source.kind, "config": config.source.model_dump(mode="json"),
+                "fingerprint_scheme": first.fingerprint_scheme},
         model=model, library_versions=library_versions(),
         variants=[VariantRecord(name=p.name, generator=p.generator, backend=p.backend, params=p.params,
                                 fingerprint=p.fingerprint, kind=p.kind, precision=layout.precision(i),

@@ -69,6 +69,9 @@ class JobSpec:
     model_fingerprint: str | None
     device: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: lazy sources by split (their index: where each image's bytes are and their sha256), so that a worker
+    #: reads its shard's images without listing or indexing the source again; small formats load themselves
+    sources: dict[str, Any] = field(default_factory=dict)
 
 
 def variant_plans(config: Config) -> list[VariantPlan]:

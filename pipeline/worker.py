@@ -82,8 +82,8 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
     """Generate, encode, write and record one shard; returns its progress record."""
     ctx = context(job)
     config = ctx.config
-    source = load_source(config.source, task.split)
-    clean = np.ascontiguousarray(source.images[task.start : task.stop].transpose(0, 3, 1, 2))
+    source = job.sources.get(task.split) or load_source(config.source, task.split)
+    clean = np.ascontiguousarray(source.read(np.arange(task.start, task.stop)).transpose(0, 3, 1, 2))
     labels = np.array(source.labels[task.start : task.stop])  # writable copy for torch
     stored, failed, tallies = {}, {}, {}
     existing = _existing_shard(config, task, job, clean.shape[1:]) if len(task.compute) < len(job.variants) else None
@@ -94,7 +94,7 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
         if name not in task.compute:  # reused from the store being extended, statistics included
             stored[name], failed[name] = existing.stored[name], existing.failed[name]
             continue
-        ctx.generator(plan).use_split(source.images, source.labels)  # style draws from the whole split
+        ctx.generator(plan).use_split(source)  # style draws single images from the whole split
         fresh, seconds = _generate(ctx, plan, task, clean_float, labels)
         encoded = codec.encode(clean, fresh, plan.stored_precision(config.store.precision))
         stored[name], failed[name] = encoded.stored, encoded.failed

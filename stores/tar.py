@@ -31,6 +31,13 @@ def blocks(size: int) -> int:
 def iter_members(data: memoryview | bytes, shard: str) -> Iterator[tuple[str, memoryview]]:
     """Yield (name, payload) for each member; refuse links, devices, absolute or '..' names."""
     view = memoryview(data)
+    for name, start, size in iter_spans(view, shard):
+        yield name, view[start : start + size]
+
+
+def iter_spans(data: memoryview | bytes, shard: str) -> Iterator[tuple[str, int, int]]:
+    """Yield (name, payload offset, payload size) for each member, with iter_members' checks."""
+    view = memoryview(data)
     position, end = 0, len(view)
     while position + BLOCK <= end:
         header = bytes(view[position : position + BLOCK])
@@ -44,7 +51,7 @@ def iter_members(data: memoryview | bytes, shard: str) -> Iterator[tuple[str, me
         start = position + BLOCK
         if start + size > end:
             raise IntegrityError(f"shard {shard}: truncated (member {name} runs past the end of the file)")
-        yield name, view[start : start + size]
+        yield name, start, size
         position = start + blocks(size) * BLOCK
     raise IntegrityError(f"shard {shard}: truncated tar (no end-of-archive marker)")
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from advpipe.config import SourceConfig
-from advpipe.datasets import SourceSplit, fingerprint, load_source
+from advpipe.datasets import Source, SourceSplit, fingerprint, load_source
 from advpipe.datasets.cifar import LAYOUTS
 from advpipe.datasets.idx import CLASS_NAMES, IMAGES_MAGIC, LABELS_MAGIC
 from advpipe.datasets.transforms import convert_channels, stratified_split
@@ -40,21 +40,28 @@ def both(config: SourceConfig) -> tuple[SourceSplit, SourceSplit]:
     return load_source(config, "train"), load_source(config, "test")
 
 
-def assert_well_formed(split: SourceSplit) -> None:
-    assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
-    assert split.images.ndim == 4 and split.images.shape[-1] in (1, 3)
-    assert split.images.flags.c_contiguous
-    assert not split.images.flags.writeable and not split.labels.flags.writeable
-    assert len(split) == len(split.images) == len(split.labels)
-    assert split.image_shape == split.images.shape[1:]
+def pixels(split: Source) -> np.ndarray:
+    """Every image of a split, through `read`, the interface every source (whole or lazy) implements."""
+    return split.read(np.arange(len(split)))
+
+
+def assert_well_formed(split: Source) -> None:
+    images = pixels(split)
+    assert images.dtype == np.uint8 and split.labels.dtype == np.int64
+    assert images.ndim == 4 and images.shape[-1] in (1, 3)
+    if isinstance(split, SourceSplit):  # held whole: frozen so that no user can change another's copy
+        assert split.images.flags.c_contiguous
+        assert not split.images.flags.writeable and not split.labels.flags.writeable
+    assert len(split) == len(images) == len(split.labels)
+    assert split.image_shape == images.shape[1:]
     assert split.num_classes == len(split.class_names)
     assert split.labels.min() >= 0 and split.labels.max() < split.num_classes
     assert len(split.fingerprint) == 64
 
 
-def rows(split: SourceSplit) -> Counter:
+def rows(split: Source) -> Counter:
     """The multiset of (image bytes, label) pairs, to compare splits regardless of order."""
-    return Counter((img.tobytes(), int(lab)) for img, lab in zip(split.images, split.labels, strict=True))
+    return Counter((img.tobytes(), int(lab)) for img, lab in zip(pixels(split), split.labels, strict=True))
 
 
 # --------------------------------------------------------------------------- file writers

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from advpipe.config import VariantConfig, config_from_dict, load_config
+from advpipe.datasets import SourceSplit
 from advpipe.errors import ConfigError, GenerationError
 from advpipe.pipeline.generators import REGISTRY, generator_class, validate_variant, variant_backend
 from advpipe.pipeline.generators.base import Generator
@@ -98,14 +99,18 @@ def batch(digits: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
     return x[-N:].clone(), y[-N:].clone(), seeds
 
 
-def as_split(x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def as_split(x: torch.Tensor, y: torch.Tensor) -> SourceSplit:
     """Images and labels as a source split holds them: uint8 (N, H, W, C), int64."""
     images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    return images, y.numpy().astype(np.int64)
+    return source_of(images, y.numpy().astype(np.int64))
+
+
+def source_of(images: np.ndarray, labels: np.ndarray) -> SourceSplit:
+    return SourceSplit.create("test", "train", images, labels, [str(c) for c in range(10)])
 
 
 @pytest.fixture(scope="module")
-def split(digits: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+def split(digits: tuple[torch.Tensor, torch.Tensor]) -> SourceSplit:
     """All digits as the split the batches come from (what the worker hands to `use_split`)."""
     return as_split(*digits)
 
@@ -159,7 +164,7 @@ def test_registry_resolves() -> None:
 def test_contract_and_determinism(model, batch, split, name, backend, params) -> None:
     x, y, seeds = batch
     generator = make(name, model, backend, **params)
-    generator.use_split(*split)  # as the worker does; only style uses it
+    generator.use_split(split)  # as the worker does; only style uses it
     out = generator.generate(x, y, seeds)
     assert out.shape == x.shape and out.dtype == torch.float32 and out.device == x.device
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
@@ -188,7 +193,7 @@ def test_random_variants_follow_the_seeds(batch, name) -> None:
 def test_output_does_not_depend_on_the_batch(model, batch, split, name, backend, params, exact) -> None:
     x, y, seeds = batch
     generator = make(name, model, backend, **params)
-    generator.use_split(*split)
+    generator.use_split(split)
     full = generator.generate(x, y, seeds)
     alone = torch.cat([generator.generate(x[i:i + 1], y[i:i + 1], seeds[i:i + 1]) for i in (0, 7)])
     part = generator.generate(x[3:11], y[3:11], seeds[3:11])
@@ -350,13 +355,14 @@ def test_style_images_of_a_class_sorted_source_come_from_other_classes(model, di
     """A class-sorted source (ImageFolder reads class by class) gives one-class batches; the style
     image of every image must still be of another class, drawn from the whole split."""
     x_all, y_all = digits
-    images, labels = as_split(x_all[torch.argsort(y_all, stable=True)], y_all.sort(stable=True).values)
+    sorted_split = as_split(x_all[torch.argsort(y_all, stable=True)], y_all.sort(stable=True).values)
+    images, labels = sorted_split.images, sorted_split.labels
     x = torch.from_numpy(images[:N].transpose(0, 3, 1, 2).astype(np.float32) / 255)
-    y = torch.from_numpy(labels[:N])
+    y = torch.from_numpy(labels[:N].copy())
     assert (y == y[0]).all()
     seeds = np.arange(N, dtype=np.uint64) * np.uint64(7919) + np.uint64(3)
     generator = make("style", model, steps=2)
-    generator.use_split(images, labels)
+    generator.use_split(sorted_split)
     chosen = generator.style_indices(y, seeds)
     assert (chosen >= 0).all() and (labels[chosen] != y.numpy()).all()
     assert len(set(labels[chosen].tolist())) >= 5  # from the whole split, not from the neighbours
@@ -369,11 +375,11 @@ def test_style_images_of_a_class_sorted_source_come_from_other_classes(model, di
     inverted = images.copy()
     rest = np.setdiff1d(np.arange(len(images)), chosen)
     inverted[rest] = 255 - inverted[rest]
-    generator.use_split(inverted, labels)
+    generator.use_split(source_of(inverted, labels))
     assert torch.equal(generator.generate(x, y, seeds), out)
     inverted = images.copy()
     inverted[chosen] = 255 - inverted[chosen]
-    generator.use_split(inverted, labels)
+    generator.use_split(source_of(inverted, labels))
     assert ((generator.generate(x, y, seeds) - out).flatten(1).abs().amax(dim=1) > 0).all()
 
 
@@ -383,13 +389,13 @@ def test_style_falls_back_to_the_mirror_only_without_another_class(model, batch,
     generator = make("style", model, steps=3)
     with pytest.raises(GenerationError, match="use_split"):
         generator.generate(x, y, seeds)
-    generator.use_split(*as_split(x, one_class))
+    generator.use_split(as_split(x, one_class))
     assert (generator.style_indices(one_class, seeds) == -1).all()
     out = generator.generate(x, one_class, seeds)
     assert torch.isfinite(out).all() and ((out - x).flatten(1).abs().amax(dim=1) > 0).all()
     cls = type(generator)
     assert cls.fallbacks(np.full(50, 3), np.full(7, 3)) == 7
-    assert cls.fallbacks(split[1], split[1][:40]) == 0
+    assert cls.fallbacks(split.labels, split.labels[:40]) == 0
     assert generator_class("fgsm").fallbacks(np.full(50, 3), np.full(7, 3)) == 0  # no fallback to count
 
 
@@ -415,7 +421,7 @@ def test_style_fallbacks_reach_the_manifest(tmp_path, digits_model) -> None:
 def test_style_changes_with_seeds_and_records_levels(model, batch, split) -> None:
     x, y, seeds = batch
     generator = make("style", model, steps=3)
-    generator.use_split(*split)
+    generator.use_split(split)
     assert generator.describe()["content_layers"] == [1] and generator.describe()["style_layers"] == [0]
     out = generator.generate(x, y, seeds)
     other = generator.generate(x, y, seeds + np.uint64(1))
@@ -431,7 +437,7 @@ def test_style_with_local_vgg19_weights(model, batch, tmp_path) -> None:
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, weights)
     x, y, seeds = batch
     generator = make("style", model, steps=2, extractor="vgg19", vgg19_weights=str(weights))
-    generator.use_split(*as_split(x, y))
+    generator.use_split(as_split(x, y))
     out = generator.generate(x[:4], y[:4], seeds[:4])
     assert out.shape == (4, 1, SIZE, SIZE) and torch.isfinite(out).all()
     assert generator.describe()["style_layers"] == [0, 1, 2, 3]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from advpipe.config import Config
-from advpipe.datasets import SourceSplit, load_source
+from advpipe.datasets import Source, load_source
 from advpipe.devices import resolve_device
 from advpipe.errors import ModelError
 from advpipe.io import check_writable
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 EVAL_BATCH = 512
 
 
-def split_loader(split: SourceSplit, batch_size: int, *, shuffle: bool, seed: int = 0,
+def split_loader(split: Source, batch_size: int, *, shuffle: bool, seed: int = 0,
                  num_workers: int = 0) -> StoreLoader:
     """Clean Batches of a source split (x float [0, 1] NCHW, y, index; variant 0); shuffled per epoch by seed."""
     return source_loader(split, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers)

@@ -7,6 +7,7 @@ checks here, so that a bad label or an empty folder gets the same clear message
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ import numpy as np
 from advpipe.config import SourceConfig
 from advpipe.errors import DataError, shown
 
-#: the most bytes one array of a source may take once decoded (images or labels): CIFAR-100's training
-#: images take 150 MB, MNIST's 47 MB; a header claiming more is refused before anything is allocated
+#: the most bytes one array of a format loaded whole (IDX, CIFAR, npz) may take once decoded: CIFAR-100's training
+#: images take 150 MB, MNIST's 47 MB; a header claiming more is refused before anything is allocated. Sources read
+#: lazily (image folders, WebDataset) have no such cap: only the images asked for are ever decoded.
 MAX_SOURCE_BYTES = 4 << 30
 #: the most classes a source may name (ImageNet-21k has 21,841)
 MAX_CLASSES = 100_000
@@ -30,6 +32,41 @@ def check_size(nbytes: int, origin: str | Path, what: str) -> None:
     if nbytes > MAX_SOURCE_BYTES:
         raise DataError(f"{origin}: {what}, {nbytes / 2**30:.3g} GiB once decoded, more than the "
                         f"{MAX_SOURCE_BYTES >> 30} GiB a source array may take; is this the right file?")
+
+
+class Source(ABC):
+    """One split of a source as a random-access collection: every consumer reads images through `read`.
+
+    Labels and class names are small and held in memory; pixels are whatever the format makes cheap:
+    small formats hold the decoded split (`SourceSplit`), image folders and WebDataset shards decode
+    only the images asked for (`advpipe.datasets.lazy.LazySource`). Both give the same bytes for the
+    same images, and both are picklable, so a Dask worker or a DataLoader worker can be handed one.
+    """
+
+    kind: str
+    split: str
+    labels: np.ndarray  # int64 (N,), read-only
+    class_names: tuple[str, ...]
+    fingerprint: str
+    #: how `fingerprint` was computed: "whole-v1" (every decoded byte, in one process) or "chunked-v1"
+    #: (per-chunk digests of the encoded bytes and the decode settings; docs/FORMAT.md section 2.3)
+    fingerprint_scheme: str
+
+    @property
+    @abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image `read` returns."""
+
+    @abstractmethod
+    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at `indices` (positions in the split) as uint8 (n, H, W, C), in that order."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @dataclass(frozen=True)

@@ -41,15 +41,20 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
 
 def split_pool(pool: Part, split: str, test_fraction: float, seed: int) -> Part:
     """The `split` half of a source that came without a train/test split."""
-    train, test = stratified_split(pool.labels, test_fraction, seed)
+    index = split_rows(pool.labels, split, test_fraction, seed, pool.origin)
+    return Part(pool.images[index], pool.labels[index], pool.origin)
+
+
+def split_rows(labels: np.ndarray, split: str, test_fraction: float, seed: int, origin: str) -> np.ndarray:
+    """The pool positions of `split` (stratified_split); refused when either half would be empty."""
+    train, test = stratified_split(labels, test_fraction, seed)
     if len(train) == 0 or len(test) == 0:
         raise DataError(
-            f"{pool.origin}: {len(pool.labels)} images are too few to split with "
+            f"{origin}: {len(labels)} images are too few to split with "
             f"test_fraction={test_fraction} ({len(train)} train, {len(test)} test); add images "
             "or change source.test_fraction"
         )
-    index = train if split == "train" else test
-    return Part(pool.images[index], pool.labels[index], pool.origin)
+    return train if split == "train" else test
 
 
 def take_first(part: Part, limit: int | None) -> Part:

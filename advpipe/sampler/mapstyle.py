@@ -244,7 +244,7 @@ class StoreLoader(EpochLoader):
 
     def metrics(self) -> dict[str, float]:
         """The sampler's counts, plus the store's shard cache hits, misses and bytes fetched (all workers)."""
-        source = getattr(self.dataset.reader, "source", None)  # a source split (ArrayReader) has none
+        source = getattr(self.dataset.reader, "source", None)  # a source split (SourceReader) has none
         return {**super().metrics(), **(source.metrics() if source is not None else {})}
 
 

@@ -10,32 +10,37 @@ from __future__ import annotations
 import numpy as np
 
 from advpipe.config import SamplerConfig
-from advpipe.datasets import SourceSplit
+from advpipe.datasets import Source
 from advpipe.sampler.mapstyle import StoreDataset, StoreLoader, VariantBatchSampler
 from advpipe.sampler.policy import Policy
 
 
-class ArrayReader:
-    """`read(indices, 0)` over in-memory uint8 images, as a store's SplitReader reads its clean variant."""
+class SourceReader:
+    """`read(indices, 0)` over a source split, as a store's SplitReader reads its clean variant.
 
-    def __init__(self, images_nhwc: np.ndarray) -> None:
-        self.images = np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))  # uint8 (N, C, H, W)
+    The source reads only the images asked for (a lazy one decodes them then), so a DataLoader
+    worker holding this reader holds the split's index, never its pixels.
+    """
+
+    def __init__(self, split: Source) -> None:
+        self.split = split  # not `source`: a store reader's `source` is its shard source, with metrics
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.split)
 
     def read(self, indices: np.ndarray, variant_ids: np.ndarray | int = 0) -> np.ndarray:
         if np.any(np.asarray(variant_ids) != 0):
             raise ValueError("a source split holds clean images only (variant 0)")
-        return self.images[np.asarray(indices, dtype=np.int64)].astype(np.float32) / np.float32(255)
+        images = self.split.read(np.asarray(indices, dtype=np.int64)).transpose(0, 3, 1, 2)
+        return images.astype(np.float32) / np.float32(255)
 
 
-def source_loader(split: SourceSplit, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+def source_loader(split: Source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                   num_workers: int = 0, drop_last: bool = False, rank: int | None = None,
                   world_size: int | None = None) -> StoreLoader:
     """Clean Batches (variant 0) of a source split; shuffled per epoch by (seed, epoch)."""
     policy = Policy.from_config(SamplerConfig(ratio=(0.0, 0.0), seed=seed), ["clean"])
     sampler = VariantBatchSampler(policy, len(split), batch_size, shuffle=shuffle, drop_last=drop_last, rank=rank,
                                   world_size=world_size)
-    dataset = StoreDataset(ArrayReader(split.images), np.asarray(split.labels))
+    dataset = StoreDataset(SourceReader(split), np.asarray(split.labels))
     return StoreLoader(dataset, sampler, ["clean"], num_workers=num_workers)

@@ -11,7 +11,7 @@ image from the whole split) is handed the split first (`use_split`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from advpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from advpipe.datasets.base import Source
 
 
 class GeneratorParams(BaseModel):
@@ -72,11 +75,12 @@ class Generator(ABC):
         the success rate recorded in the manifest shows it.
         """
 
-    def use_split(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def use_split(self, source: Source) -> None:
         """The whole split the next batches come from, before they are generated.
 
-        `images` are uint8 (N, H, W, C) and `labels` int, as `advpipe.datasets.SourceSplit`
-        holds them. Most generators need only their batch and ignore this; `style` draws
+        `source` is an `advpipe.datasets.Source`: its labels are in memory, its images are
+        read by index (`read`), so a generator may draw single images from a split larger
+        than memory. Most generators need only their batch and ignore this; `style` draws
         its style images from it.
         """
 

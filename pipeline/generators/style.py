@@ -14,7 +14,8 @@ not depend on the scale of the extractor's features:
 where `G_l` is the Gram matrix of level `l` divided by its number of elements, and the
 style term therefore starts at `style_weight` per style level.
 
-Style pool: the *whole split* (the pipeline hands it over with `use_split`). Image i's
+Style pool: the *whole split* (the pipeline hands it over with `use_split`; only the chosen style
+images are read from it, one by index, so the split may be larger than memory). Image i's
 style image is drawn, uniformly and with i's own seed, from the images of the split whose
 class differs from i's, so the choice depends on the image, its seed and the split, not
 on the batch or on the order of the source (a class-sorted ImageFolder source would
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from torch import nn
 from advpipe.errors import ConfigError, GenerationError
 from advpipe.pipeline.generators.base import Generator, GeneratorParams, image_generator
 from advpipe.pipeline.generators.common import Iterations, finalize, gradients_on, seed_list
+
+if TYPE_CHECKING:
+    from advpipe.datasets.base import Source
 
 Extractor = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -193,18 +197,14 @@ class StyleTransferGenerator(Generator):
         # Record the levels actually used, not None, in the manifest.
         self.params = self.params.model_copy(update={"content_layers": tuple(self.content_layers),
                                                      "style_layers": tuple(self.style_layers)})
-        self.split_images: np.ndarray | None = None
-        self.split_labels: np.ndarray | None = None
+        self.split: Source | None = None
         self.pool: StylePool | None = None
 
-    def use_split(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def use_split(self, source: Source) -> None:
         """Draw style images from this split from now on (module docstring)."""
-        if images.ndim != 4 or len(images) != len(labels):
-            raise GenerationError(f"style: the split must be (N, H, W, C) images with one label each, got "
-                                  f"{images.shape} and {len(labels)} labels")
-        if self.pool is None or self.split_images is not images or self.split_labels is not labels:
-            # the worker passes the same cached split for every shard: the pool is built once per split
-            self.split_images, self.split_labels, self.pool = images, labels, StylePool(labels)
+        if self.pool is None or self.split is not source:
+            # the worker passes the same split for every shard: the pool is built once per split
+            self.split, self.pool = source, StylePool(np.asarray(source.labels))
 
     @classmethod
     def fallbacks(cls, split_labels: np.ndarray, labels: np.ndarray) -> int:
@@ -220,8 +220,8 @@ class StyleTransferGenerator(Generator):
 
     def _style_images(self, x: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
         """The chosen split images as floats like `x` (x / 255, as the pipeline converts), mirrors for -1."""
-        assert self.split_images is not None
-        images = self.split_images[np.maximum(chosen, 0)].transpose(0, 3, 1, 2)
+        assert self.split is not None
+        images = self.split.read(np.maximum(chosen, 0)).transpose(0, 3, 1, 2)  # one image each, by index
         if images.shape[1:] != tuple(x.shape[1:]):
             raise GenerationError(f"style: the split's images are {images.shape[1:]} (C, H, W) but the batch's "
                                   f"are {tuple(x.shape[1:])}")
