@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -147,6 +148,38 @@ def test_verify_detects_flipped_byte(tmp_path, backend):
     assert not report.ok and shard.name in report.problems[0] and "sha256" in report.problems[0]
     with pytest.raises(IntegrityError, match=shard.name):
         open_store(tmp_path / "s").split("train").read(np.arange(70), 1)
+
+
+def test_a_flipped_pixel_in_a_webdataset_shard_is_a_sha256_error(tmp_path: Path) -> None:
+    """A byte flipped inside an image's .npy payload leaves a valid tar of valid arrays: only the sha256
+    check can tell. (A flip at a fixed offset may land in a tar header, which parsing refuses anyway.)"""
+    from advpipe.sampler.streaming import StreamingVariantDataset
+
+    write_test_store(tmp_path / "s", backend="webdataset")
+    shard = _first_shard(tmp_path / "s")
+    problem = f"shard {shard.relative_to(tmp_path / 's').as_posix()}: sha256 does not match the manifest"
+    with tarfile.open(shard) as tar:  # the standard library's parser, not advpipe's
+        member = next(m for m in tar.getmembers() if m.name.endswith(".clean.npy"))
+        image = np.load(io.BytesIO(tar.extractfile(member).read()))
+    assert image.dtype == np.uint8 and image.shape == (3, 8, 8)
+    at = member.offset_data + member.size - 1  # the last pixel: a C-ordered .npy payload ends with its data
+    index = np.array([int(member.name.split(".")[0])])
+    intact = open_store(tmp_path / "s").split("train").read(index, 0)
+    data = bytearray(shard.read_bytes())
+    assert data[at] == image.reshape(-1)[-1]
+    data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    # Unchecked, the flip reaches the pixels unnoticed: exactly that one pixel moves by one grey level.
+    unchecked = open_store(tmp_path / "s", verify="size").split("train").read(index, 0)
+    changed = np.flatnonzero(unchecked != intact)
+    assert changed.tolist() == [intact.size - 1]
+    assert abs(unchecked.reshape(-1)[-1] - intact.reshape(-1)[-1]) == pytest.approx(1 / 255)
+    report = verify_store(tmp_path / "s")
+    assert report.problems == [f"{problem} (the file is corrupt)"]
+    with pytest.raises(IntegrityError, match=re.escape(problem)):
+        open_store(tmp_path / "s").split("train").read(index, 0)
+    with pytest.raises(IntegrityError, match=re.escape(problem)):
+        StreamingVariantDataset(tmp_path / "s")
 
 
 @pytest.mark.parametrize("backend", ["hdf5", "webdataset"])

@@ -23,7 +23,6 @@ from advpipe.trainers.evaluate import variant_accuracy
 from advpipe.trainers.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-ADVPIPE = str(Path(sys.executable).parent / "advpipe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = {"epochs": 3, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0,
          "tensorboard": False}
@@ -84,17 +83,51 @@ def test_adversarial_training_beats_clean_training_on_stored_attacks(digits_stor
     assert train(config, "adversarial", progress=False).status == "up-to-date"
 
 
+DROPOUT_ARCH = "test-dropout-lenet"
+#: `advpipe train` with one more registry architecture: LeNet with dropout, so training draws from torch's RNG
+DROPOUT_CLI = textwrap.dedent(f"""
+    import sys
+    from torch import nn
+    from advpipe.cli import main
+    from advpipe.models import registry
+    from advpipe.models.lenet import LeNet
+
+    class DropoutLeNet(LeNet):
+        arch = "{DROPOUT_ARCH}"
+
+        def __init__(self, num_classes, input_shape):
+            super().__init__(num_classes, input_shape)
+            self.head.insert(3, nn.Dropout(0.5))  # Flatten, F6, ReLU, here, output layer
+
+    registry.BUILDERS[DropoutLeNet.arch] = DropoutLeNet
+    sys.exit(main())
+""")
+
+
+def saved_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A model file's weights, read without building its architecture (the dropout one is not registered here)."""
+    payload = torch.load(path, weights_only=True)
+    assert json.loads(payload["meta"])["arch"] == DROPOUT_ARCH
+    return payload["state_dict"]
+
+
 @pytest.mark.parametrize("kill_at", ["epoch-2-saved", "step-30-saved"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(digits_store: tuple[Path, dict], tmp_path: Path,
                                                           kill_at: str) -> None:
-    """Train 3 epochs; kill -9 after a checkpoint; resume in a new process: the final weights are identical."""
+    """Train 3 epochs; kill -9 after a checkpoint; resume in a new process: the final weights are identical.
+
+    The model has dropout and the batches are augmented, so the resumed run matches only if the
+    checkpoint restores every random state (torch's global RNG for the dropout masks included).
+    """
     _, raw = digits_store
     raw = {**raw, "train": {**raw["train"], "checkpoint_every": 10},
-           "methods": {"dyn": {"method": "dynamic", "augment": True}},
+           "methods": {"dyn": {"method": "dynamic", "augment": True, "arch": DROPOUT_ARCH}},
            "sampler": {"ratio": [0.2, 0.8], "weights": {"fgsm": [0.5, 1.0], "bim": [0.5, 2.0]}, "adaptive": True,
                        "redraw": "batch", "seed": 1}}
     config = write_config(tmp_path / "config.yaml", raw)
-    command = [ADVPIPE, "train", str(config), "--method", "dyn", "--device", "cpu"]
+    launcher = tmp_path / "advpipe_dropout.py"
+    launcher.write_text(DROPOUT_CLI)
+    command = [sys.executable, str(launcher), "train", str(config), "--method", "dyn", "--device", "cpu"]
     whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], env=ENV, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     killed = subprocess.run([*command, "--out", str(tmp_path / "cut")], env={**ENV, "ADVPIPE_FAULT": kill_at},
@@ -106,10 +139,10 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(digits_store: tuple[Pa
     resumed = subprocess.run([*command, "--out", str(tmp_path / "cut"), "--resume"], env=ENV, capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
-    first, _ = load_checkpoint(tmp_path / "whole" / "model.pt")
-    second, _ = load_checkpoint(tmp_path / "cut" / "model.pt")
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    first, second = saved_weights(tmp_path / "whole" / "model.pt"), saved_weights(tmp_path / "cut" / "model.pt")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
     lines = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["loss"] for r in lines("whole")] == [r["loss"] for r in lines("cut")]
     assert lines("cut")[-1]["adaptive_errors"] == lines("whole")[-1]["adaptive_errors"]
@@ -165,6 +198,72 @@ def test_torchrun_two_ranks_train_identical_weights_reading_every_image_once(dig
     count = len(open_store(raw["store"]["path"]).split("train"))
     assert sorted(set(indices)) == list(range(count))
     assert len(indices) == count + count % 2  # the map-style split pads one image when the count is odd
+
+
+DDP_MEAN = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from advpipe.batch import Batch
+    from advpipe.config import OptimConfig
+    from advpipe.models import build_model
+    from advpipe.trainers import distributed
+    from advpipe.trainers.baselines import CleanMethod
+    from advpipe.trainers.loop import fit
+
+    distributed.init_from_environment(torch.device("cpu"))
+    data, out = torch.load(sys.argv[1], weights_only=True), sys.argv[2]
+    rank = dist.get_rank()
+    torch.manual_seed(1000 + rank)  # not the reference's seed: rank 0's weights must be broadcast
+    model = build_model("lenet", 10, (1, 8, 8))
+    mine = slice(rank * data["half"], (rank + 1) * data["half"])
+    batches = [Batch.clean(x[mine], y[mine], torch.arange(len(y))[mine]) for x, y in zip(data["x"], data["y"])]
+    fit(model, CleanMethod(), batches, optim=OptimConfig(**data["optim"]), progress=False)
+    torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    distributed.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_step_as_one_process_on_the_combined_batch(tmp_path: Path) -> None:
+    """Data parallelism must average the ranks' gradients: summing them keeps the ranks identical, so
+    only a comparison with a one-process run on both halves together catches it.
+
+    Plain SGD (Adam would scale a doubled gradient away), three steps of 2 x 4 images of 8x8.
+    """
+    from advpipe.batch import Batch
+    from advpipe.config import OptimConfig
+    from advpipe.models import build_model
+    from advpipe.trainers.baselines import CleanMethod
+    from advpipe.trainers.loop import fit
+
+    half, steps = 4, 3
+    generator = torch.Generator().manual_seed(7)
+    optim = {"epochs": 1, "optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0,
+             "schedule": "constant"}
+    data = {"x": [torch.rand(2 * half, 1, 8, 8, generator=generator) for _ in range(steps)],
+            "y": [torch.randint(0, 10, (2 * half,), generator=generator) for _ in range(steps)],
+            "half": half, "optim": optim}
+    torch.save(data, tmp_path / "data.pt")
+    script = tmp_path / "ddp_mean.py"
+    script.write_text(DDP_MEAN)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "data.pt"),
+                             str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    torch.manual_seed(1000)  # rank 0's initial weights
+    model = build_model("lenet", 10, (1, 8, 8))
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    whole = [Batch.clean(x, y, torch.arange(len(y))) for x, y in zip(data["x"], data["y"], strict=True)]
+    fit(model, CleanMethod(), whole, optim=OptimConfig(**optim), progress=False)
+    expected = model.state_dict()
+    assert max((expected[name] - initial[name]).abs().max().item() for name in initial) > 1e-2  # it did train
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, rank=rank, name=name: f"rank {rank}, {name}: {m}")
 
 
 def test_bf16_autocast_runs_on_the_cpu(digits_store: tuple[Path, dict]) -> None:
