@@ -358,3 +358,19 @@ def test_gpu_ids_follow_the_visible_devices(monkeypatch) -> None:
     assert gpu_ids("cuda") == ["0", "1"]
     monkeypatch.setattr(cluster, "_cuda_count", lambda: 0)
     assert gpu_ids("cuda") is None
+
+
+def test_slurm_jobs_with_several_gpus_give_each_process_one(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from advpipe.config import SlurmConfig
+    from advpipe.pipeline.cluster import OneGpuPerProcess, slurm_cluster
+
+    script = slurm_cluster(SlurmConfig(cores=8, processes=4, gpus_per_job=4)).job_script()
+    assert "#SBATCH --gres=gpu:4" in script and "--nworkers 4" in script
+    for name, expected in (("SLURMCluster-0-2", "6"), ("SLURMCluster-3-0", "4")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # what SLURM gives the job
+        OneGpuPerProcess().setup(SimpleNamespace(name=name))
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+    with pytest.raises(ValueError, match="must not exceed gpus_per_job"):
+        SlurmConfig(cores=8, processes=8, gpus_per_job=4)

@@ -18,7 +18,7 @@ load_source(config, split) returns a `Source`: one split as a random-access coll
 5. channels (1 -> 3 repeat, 3 -> 1 luminance), then image_size (bilinear, PIL);
 6. freeze (read-only, C-contiguous) and fingerprint: "whole-v1" over every decoded byte
    for the formats loaded whole, "chunked-v1" over per-chunk digests of the encoded bytes
-   and the decode settings for lazy ones (docs/FORMAT.md section 2.3).
+   and the decode settings for lazy ones (docs/FORMAT.md section 2.6).
 
 Every step is deterministic, so the fingerprint identifies the exact bytes a store
 was generated from, and a lazy source reads the same bytes as the whole-loading path

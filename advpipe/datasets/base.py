@@ -49,7 +49,7 @@ class Source(ABC):
     class_names: tuple[str, ...]
     fingerprint: str
     #: how `fingerprint` was computed: "whole-v1" (every decoded byte, in one process) or "chunked-v1"
-    #: (per-chunk digests of the encoded bytes and the decode settings; docs/FORMAT.md section 2.3)
+    #: (per-chunk digests of the encoded bytes and the decode settings; docs/FORMAT.md section 2.6)
     fingerprint_scheme: str
 
     @property

@@ -15,7 +15,7 @@ of JPEGs, 190 GB decoded at 224x224), so neither is ever loaded whole:
    it was indexed is refused where it is read: SourceChangedError, exit 3), decode with PIL, convert
    channels and resize exactly as the whole-loading path does.
 
-The fingerprint (scheme "chunked-v1", docs/FORMAT.md section 2.3) is the sha256 of a header (kind,
+The fingerprint (scheme "chunked-v1", docs/FORMAT.md section 2.6) is the sha256 of a header (kind,
 split, count, shape, class names, decode settings) followed by the digests of consecutive chunks of
 CHUNK images in split order, each the sha256 of its images' names, labels and byte digests. A chunk's
 digest is checked image by image where the images are read, so a worker reading one store shard never
