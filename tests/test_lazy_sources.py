@@ -374,3 +374,21 @@ def test_slurm_jobs_with_several_gpus_give_each_process_one(monkeypatch) -> None
         assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
     with pytest.raises(ValueError, match="must not exceed gpus_per_job"):
         SlurmConfig(cores=8, processes=8, gpus_per_job=4)
+
+
+def test_train_source_reads_a_lazy_source_through_dataloader_workers(tmp_path, sources) -> None:
+    """train-source on an image folder (DataLoader worker processes get the index and decode what they read)
+    trains exactly the model the same images loaded whole train."""
+    import torch
+
+    from advpipe.trainers.clean import train_source
+
+    weights = {}
+    for kind in ("npz", "imagefolder"):
+        raw = digits_config(tmp_path / kind, limit=None)
+        raw["source"] = source_config(kind, sources[kind])
+        raw["train_source"] = {**raw["train_source"], "epochs": 2, "num_workers": 1}
+        path, _ = train_source(config_from_dict(raw), progress=False)
+        weights[kind] = torch.load(path, weights_only=True)["state_dict"]
+    assert weights["npz"].keys() == weights["imagefolder"].keys()
+    assert all(torch.equal(weights["npz"][k], weights["imagefolder"][k]) for k in weights["npz"])
