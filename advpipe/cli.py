@@ -230,7 +230,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from advpipe.stores import convert_store
 
-    manifest = convert_store(args.source, args.target, args.backend, args.compression, overwrite=args.force)
+    manifest = convert_store(args.source, args.target, args.backend, args.compression, overwrite=args.force,
+                             progress=sys.stderr.isatty())
     print(f"{args.target}: {manifest.backend} store written ({sum(s.count for s in manifest.splits.values())} images)")
     return 0
 

@@ -13,10 +13,19 @@ import importlib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from advpipe.errors import SHOWN_CHARS, ConfigError, describe_validation_error, shorten, shown
 
@@ -30,6 +39,29 @@ class Section(BaseModel):
 
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+
+
+def _url_or_path(value: Any) -> Any:
+    """A URL stays a string (a Path would fold its '//'); anything else is a local path."""
+    if isinstance(value, str) and _URL.match(value):
+        return value
+    return Path(value) if isinstance(value, str) else value
+
+
+def _no_credentials(value: dict[str, Any]) -> dict[str, Any]:
+    """Storage options as given; refused when one holds a credential (docs/OBJECT_STORAGE.md)."""
+    from advpipe.urls import check_options
+
+    try:
+        return check_options(value, "")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: a local path, or an fsspec URL kept as written
+Location = Annotated[Path | str, BeforeValidator(_url_or_path)]
+#: fsspec options for a location's protocol (e.g. profile); never credentials
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_credentials)]
 
 
 def _own_path(value: Path, key: str) -> Path:
@@ -48,9 +80,9 @@ class SourceConfig(Section):
     )
     #: a local path; for `webdataset` also a URL (s3://, http(s)://, ...) and WebDataset brace patterns
     #: ("s3://bucket/imagenet/train-{000000..001281}.tar")
-    path: Path | str | None = None
+    path: Location | None = None
     #: `webdataset` only: the predefined test split's shards (a pattern, directory or URL); unset: split `path`
-    test_path: Path | str | None = None
+    test_path: Location | None = None
     #: `webdataset` only: the member holding each image's label: `cls` (an ASCII integer) or `json:KEY`
     label: str = Field(default="cls", pattern=r"^(cls|json:[A-Za-z0-9_.-]+)$")
     #: `webdataset` only: the class names, in label order (None: '0', '1', ... up to the largest label)
@@ -66,25 +98,7 @@ class SourceConfig(Section):
     #: endpoint of an S3-compatible service holding a `webdataset` source; None: AWS_ENDPOINT_URL(_S3), else AWS
     endpoint_url: str | None = None
     #: further fsspec options for the source's protocol (e.g. profile, anon); never credentials
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("path", "test_path", mode="before")
-    @classmethod
-    def _url_or_path(cls, value: Any) -> Any:
-        """A URL stays a string (a Path would fold its '//'); anything else is a local path."""
-        if isinstance(value, str) and _URL.match(value):
-            return value
-        return Path(value) if isinstance(value, str) else value
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from advpipe.urls import check_options
-
-        try:
-            return check_options(value, "")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+    storage_options: StorageOptions = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
@@ -174,20 +188,12 @@ class VariantConfig(BaseModel):
 
 class StoreConfig(Section):
     #: a local directory, or an fsspec URL (s3://bucket/prefix, gs://, az://) that generation writes straight to
-    path: Path | str = Path("runs/store")
+    path: Location = Path("runs/store")
     backend: Literal["hdf5", "webdataset"] = "hdf5"
     precision: Literal["float16", "float32", "uint8"] = "float16"
     compression: Literal["gzip", "lzf"] | None = None
     shard_size: int = Field(default=512, ge=1)
     splits: tuple[Literal["train", "test"], ...] = SPLITS
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _url_or_path(cls, value: Any) -> Any:
-        """A URL stays a string (a Path would fold its '//'); anything else is a local path."""
-        if isinstance(value, str) and _URL.match(value):
-            return value
-        return Path(value) if isinstance(value, str) else value
 
     @field_validator("path")
     @classmethod
@@ -197,17 +203,7 @@ class StoreConfig(Section):
     #: endpoint of an S3-compatible service (MinIO, Ceph, ...); None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
     endpoint_url: str | None = None
     #: further fsspec options for the store's protocol (e.g. profile); never credentials (docs/OBJECT_STORAGE.md)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from advpipe.urls import check_options
-
-        try:
-            return check_options(value, "")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+    storage_options: StorageOptions = Field(default_factory=dict)
 
 
 class SlurmConfig(Section):

@@ -82,7 +82,11 @@ def check_outputs(config: Config) -> None:
     writable folder; no folder may hold another output, since a folder is cleared when it is redone (a
     checkpoint inside the store would be deleted by `--force`, a method named `report` would share a folder).
     """
+    from advpipe.stores.writer import check_store_path
+
     checkpoint, folders = output_paths(config)
+    if "store.path" in folders:  # names and paths the file system can hold, before anything is touched
+        check_store_path(folders["store.path"], config.store.backend)
     _check_writable(checkpoint, "model.checkpoint", want_dir=False)
     for what, folder in folders.items():
         _check_writable(folder, what, want_dir=True)

@@ -74,9 +74,9 @@ def build_store(path: str | Path, splits: dict[str, SplitArrays], *, class_names
         raise StoreError(str(exc)) from None
     records = [VariantRecord(**v, array=layout.placement(i)[0], column=layout.placement(i)[1])
                for i, v in enumerate(variants)]
-    writer = StoreWriter(path, backend, compression, layout)
-    with writer.locked():
-        writer.prepare(overwrite, "advpipe.stores.build_store")
+    counts = {split: -(-len(arrays.images) // max(shard_size, 1)) for split, arrays in splits.items()}
+    writer = StoreWriter(path, backend, compression, layout, splits=counts)
+    with writer.writing_whole(overwrite, "advpipe.stores.build_store"):
         splits_out = {split: _write_split(writer, split, arrays, records, shard_size, progress)
                       for split, arrays in splits.items()}
         manifest = _built_manifest(splits, splits_out, records, writer.compression, class_names=class_names,
@@ -144,12 +144,14 @@ def convert_store(source: str | os.PathLike, target: str | Path, backend: str, c
     """Rewrite a store (local or a URL) with another backend or compression; the stored values are unchanged.
 
     A format version 2 store comes out in the current version, with identical values. The target may not
-    be the source, inside it or around it: replacing it (`overwrite`) would delete the source.
+    be the source, inside it or around it: replacing it (`overwrite`) would delete the source. A conversion
+    that fails (a corrupt source shard, a full disk, Ctrl-C) removes what it wrote, and the target directory
+    when it made it: no partial store is left behind.
     """
     store = Store.open(source)
-    writer = StoreWriter(target, backend, compression, store.layout, protect=[store.source.location])
-    with writer.locked():
-        writer.prepare(overwrite, "advpipe convert")
+    counts = {split: len(record.shards) for split, record in store.manifest.splits.items()}
+    writer = StoreWriter(target, backend, compression, store.layout, protect=[store.source.location], splits=counts)
+    with writer.writing_whole(overwrite, "advpipe convert"):
         splits = {}
         for split, record in store.manifest.splits.items():
             reader, shards = store.split(split), []

@@ -26,7 +26,16 @@ from tqdm.auto import tqdm
 
 from advpipe import urls
 from advpipe.errors import IntegrityError, StoreError
-from advpipe.io import atomic_path, atomic_write_bytes, check_writable, copy_hashing, sha256_file
+from advpipe.io import (
+    PROBE_NAME,
+    atomic_path,
+    atomic_write_bytes,
+    check_path_lengths,
+    check_writable,
+    copy_hashing,
+    sha256_file,
+    temp_name,
+)
 from advpipe.stores.card import CARD_NAME, render_card
 from advpipe.stores.manifest import MANIFEST_NAME, Manifest, ShardRecord, parse_manifest
 from advpipe.stores.source import ShardSource
@@ -169,6 +178,9 @@ def _fetch(url: str | os.PathLike, directory: str | os.PathLike, storage_options
     source = ShardSource(url, storage_options, verify="checksum")
     manifest_bytes, manifest = _read_manifest(source)
     directory = Path(directory)
+    names = [PROBE_NAME, *(n for r in _records(manifest) for n in (r.name, temp_name(r.name))),
+             *(n for name in (CARD_NAME, MANIFEST_NAME) for n in (name, temp_name(name)))]
+    check_path_lengths(directory, names, StoreError, "the fetched store", "choose a shorter directory")
     check_writable(directory, StoreError, "a fetched store", "choose a writable directory")
     report = TransferReport(source.shown, str(directory))
     existing = (directory / MANIFEST_NAME).read_bytes() if (directory / MANIFEST_NAME).is_file() else None

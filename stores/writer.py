@@ -26,18 +26,26 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from advpipe import urls
 from advpipe.errors import AdvpipeError, StoreError
 from advpipe.faults import fault_point
-from advpipe.io import atomic_path, atomic_write_json, check_writable, sha256_file
+from advpipe.io import (
+    PROBE_NAME,
+    atomic_path,
+    atomic_write_json,
+    check_path_lengths,
+    check_writable,
+    sha256_file,
+    temp_name,
+)
 from advpipe.provenance import library_versions
-from advpipe.stores.backends import backend
+from advpipe.stores.backends import backend, shard_name
 from advpipe.stores.card import CARD_NAME, render_card, write_card
-from advpipe.stores.lock import LOCK_FILES, store_lock, writer_filesystem
+from advpipe.stores.lock import HOLDER_NAME, LOCK_FILES, LOCK_NAME, store_lock, writer_filesystem
 from advpipe.stores.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardRecord, read_manifest
 from advpipe.stores.shard import Layout, ShardData
 from advpipe.stores.source import ShardSource
@@ -47,6 +55,9 @@ log = logging.getLogger(__name__)
 MARKER = ".generation.json"
 PREVIOUS = ".previous-manifest.json"
 PROGRESS_DIR = ".progress"
+#: the splits a store is written with when its writer is not told (generation's: train and test), each with
+#: fewer than 100000 shards (names with a 5-digit index)
+DEFAULT_SPLITS: Mapping[str, int] = {"train": 1, "test": 1}
 
 
 class RemoteDir:
@@ -132,7 +143,9 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, backend_name: str, compression: str | None = None,
                  layout: Layout | None = None, protect: Sequence[str | os.PathLike] = (),
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, splits: Mapping[str, int] | None = None) -> None:
+        """`splits` (split name -> number of shards) sizes the names the store will hold, for the path-length
+        check (default: DEFAULT_SPLITS)."""
         text = os.fspath(path)
         self.remote = RemoteDir(text, storage_options) if urls.is_remote(text) else None
         self.path: Path | str = text if self.remote else Path(text.removeprefix("file://"))
@@ -142,10 +155,12 @@ class StoreWriter:
         self.compression = compression if self.backend.compressible else None
         self.layout = layout
         self.protect = tuple(protect)  # directories this writer must not be at, around or inside
+        self.splits = dict(DEFAULT_SPLITS if splits is None else splits)
 
     # the directory ------------------------------------------------------------------------------
 
     def check_writable(self) -> None:
+        self.check_path_lengths()
         check_target(self.path, self.protect)
         refuse_foreign(self.remote or self.path)
         if self.remote is not None:
@@ -159,8 +174,10 @@ class StoreWriter:
     def locked(self) -> Iterator[dict]:
         """Hold the store's writer lock for the block (one writer per store); yields the holder record.
 
-        The target is checked first, so nothing is created in a directory advpipe may not write.
+        The target is checked first, so nothing is created in a directory advpipe may not write (nor one whose
+        files' names or paths would be too long).
         """
+        self.check_path_lengths()
         check_target(self.path, self.protect)
         refuse_foreign(self.remote or self.path)
         if self.remote is not None:
@@ -174,6 +191,48 @@ class StoreWriter:
                              "choose a writable path") from None
         with store_lock(self.path) as holder:
             yield holder
+
+    def check_path_lengths(self) -> None:
+        """Refuse a local store path that the file system could not hold every file of (NAME_MAX, PATH_MAX),
+        before anything is created."""
+        if self.remote is None:
+            check_store_path(self.path, self.backend.name, self.splits)
+
+    @contextlib.contextmanager
+    def writing_whole(self, overwrite: bool, writer: str) -> Iterator[None]:
+        """Write a store in one go (build_store, convert): hold the lock, `prepare`, run the block; when the block
+        fails, remove what this run wrote, and the directories it created, so a failed conversion leaves no
+        partial store behind (nothing here resumes it: a re-run starts again)."""
+        created = None if self.remote else _first_missing(Path(self.path))
+        with self.locked():
+            self.prepare(overwrite, writer)
+            try:
+                yield
+            except BaseException:
+                self._discard(created)
+                raise
+
+    def _discard(self, created: Path | None) -> None:
+        """After a failed write in one go, under the lock: empty the store (lock files kept, as `wipe`); when
+        this run created the directory, remove it and the folders created for it, lock file included. Its
+        lock file goes while the lock is still held, so a writer that opened it meanwhile is refused, and one
+        that starts after makes a new one (the folders it needs are then not removed: rmdir leaves a folder
+        that is not empty)."""
+        try:
+            self.wipe()
+            if created is None:
+                return
+            folder = Path(self.path).absolute()
+            for name in (HOLDER_NAME, LOCK_NAME):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+            while True:
+                folder.rmdir()
+                if folder == created:
+                    break
+                folder = folder.parent
+        except OSError as exc:  # the run's own error is the one to report
+            log.warning("%s: could not remove what the failed run wrote (%s)", self.shown, exc)
 
     def existing(self, force: bool) -> Manifest | None:
         """The finished store here, if any; with `force` an unreadable one (old format, damaged) is discarded."""
@@ -400,6 +459,37 @@ def check_target(path: str | os.PathLike, protect: Sequence[str | os.PathLike] =
         if relation:
             raise StoreError(f"{path}: {relation} the source {source}; write the store to a directory outside "
                              "it (replacing the store must never delete its source)")
+
+
+def store_names(backend_name: str, splits: Mapping[str, int]) -> list[str]:
+    """Every name a local store writer creates, relative to the store, temporary names at their longest
+    included: the lock and its holder, the marker, the saved manifest, card and manifest, the write probe,
+    and each split's last shard and progress record (the longest index)."""
+    fixed = [MARKER, PREVIOUS, CARD_NAME, MANIFEST_NAME, HOLDER_NAME]
+    names = [LOCK_NAME, PROBE_NAME, *fixed, *map(temp_name, fixed)]
+    for split, count in splits.items():
+        last = max(count - 1, 0)
+        for name in (shard_name(split, last, backend_name), StoreWriter._progress_name(split, last)):
+            names += [name, temp_name(name)]
+    return names
+
+
+def check_store_path(path: str | os.PathLike, backend_name: str,
+                     splits: Mapping[str, int] = DEFAULT_SPLITS) -> None:
+    """Refuse, before anything is created, a local store path with a name longer than its file system takes
+    (NAME_MAX), or too long (PATH_MAX) for the store's longest file name, a shard's temporary name included."""
+    check_path_lengths(path, store_names(backend_name, splits), StoreError, "the store",
+                       "choose a shorter store path")
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (the first mkdir(parents=True) creates), or None."""
+    missing = None
+    for place in (path.absolute(), *path.absolute().parents):
+        if os.path.lexists(place):
+            break
+        missing = place
+    return missing
 
 
 def _check_remote_target(location: str, protect: Sequence[str | os.PathLike]) -> None:

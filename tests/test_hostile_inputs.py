@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import struct
 import subprocess
@@ -46,6 +47,7 @@ from advpipe.errors import (
     StoreError,
     TrainingError,
 )
+from advpipe.io import path_limits
 from advpipe.main_job import JobOptions, run_main_job
 from advpipe.models import build_model, save_checkpoint
 from advpipe.models.checkpoint import load_checkpoint
@@ -300,6 +302,22 @@ def config_name_climbs_out(tmp: Path) -> Hostile:
                    r"key 'name': name must be a folder name of its own")
 
 
+def config_store_manifest(tmp: Path) -> Hostile:
+    """A store's manifest.json is JSON, which YAML reads: refused as what it is, not as 10 unknown keys."""
+    write_test_store(tmp / "store")
+    return Hostile(lambda: load_config(tmp / "store" / "manifest.json"), ConfigError,
+                   r"manifest\.json: is a store's manifest, not a config; pass a YAML config")
+
+
+def config_large_store_manifest(tmp: Path) -> Hostile:
+    """A big store's manifest is past the config size limit: named by the bytes read, not 'is this the right file'."""
+    write_test_store(tmp / "store")
+    manifest = json.loads((tmp / "store" / "manifest.json").read_text())
+    manifest["generation"] = {"note": "x" * MAX_CONFIG_BYTES}
+    path = write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return Hostile(lambda: load_config(path), ConfigError, r"manifest\.json: is a store's manifest, not a config")
+
+
 def config_not_a_file(tmp: Path) -> Hostile:
     (tmp / "configs").mkdir()
     return Hostile(lambda: load_config(tmp / "configs"), ConfigError, r"configs: is not a file")
@@ -434,7 +452,8 @@ CASES = [pytest.param(build, id=build.__name__.replace("_", "-")) for build in (
     config_too_large, config_not_utf8, config_binary, config_empty, config_duplicate_key, config_key_not_text,
     config_top_level_not_mapping, config_nan, config_infinity, config_huge_integer, config_integer_too_long_to_read,
     config_python_tag, config_huge_value_echoed, config_long_key_echoed, config_empty_store_path,
-    config_dot_store_path, config_name_climbs_out, config_not_a_file,
+    config_dot_store_path, config_name_climbs_out, config_not_a_file, config_store_manifest,
+    config_large_store_manifest,
     idx_gzip_bomb, idx_header_claims_terabytes, npz_header_claims_terabytes, npz_zip_bomb, npz_huge_header,
     npz_object_array, npz_truncated_member, cifar_member_claims_a_gigabyte, cifar_too_many_members,
     image_bomb_past_pil_limit, image_bomb_below_pil_limit,
@@ -545,6 +564,79 @@ def test_cli_sample_refuses_bad_options_before_reading(tmp_path, capsys, monkeyp
     stderr = run_main(["sample", "store", "--config", str(config), *extra], capsys)
     assert re_search(match, stderr), stderr
     assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [
+    ["sample", "store", "--config", "MANIFEST"], ["generate", "MANIFEST"], ["run", "MANIFEST"],
+    ["train-source", "MANIFEST"], ["train", "MANIFEST", "--method", "clean"],
+    ["evaluate", "model.pt", "--store", "store", "--config", "MANIFEST"],
+], ids=lambda command: command[0])
+def test_cli_store_manifest_given_as_a_config_is_named_in_one_line(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    write_test_store(tmp_path / "store")
+    before = tree_digest(tmp_path)
+    stderr = run_main([part.replace("MANIFEST", "store/manifest.json") for part in command], capsys)
+    assert "store/manifest.json: is a store's manifest, not a config; pass a YAML config" in stderr, stderr
+    assert tree_digest(tmp_path) == before
+
+
+def test_cli_sample_with_the_store_manifest_as_config(tmp_path):
+    """The command as a user types it: `advpipe sample STORE --config STORE/manifest.json`."""
+    write_test_store(tmp_path / "store")
+    result = run_cli(["sample", "store", "--config", "store/manifest.json"], tmp_path)
+    assert "is a store's manifest, not a config" in result.stderr and "advpipe sample STORE --config CONFIG" \
+        in result.stderr
+
+
+# --------------------------------------------------------------------------- store paths the file system cannot hold
+
+
+def long_store_path(tmp: Path, kind: str) -> Path:
+    """'long-name': a folder name past NAME_MAX. 'long-path': a path that fits PATH_MAX with a few bytes to spare,
+    so its folders and lock file could be made, while the store's temporary files would not fit."""
+    name_max, path_max = path_limits(tmp)
+    if kind == "long-name":
+        return tmp / "runs" / ("n" * (name_max + 45)) / "store"
+    deep, target = tmp / "runs", path_max - 20
+    while len(os.fsencode(deep)) + 200 + 10 < target:
+        deep /= "d" * 199
+    return deep / ("s" * (target - len(os.fsencode(deep)) - 1))
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", ["long-name", "long-path"])
+@pytest.mark.parametrize("command", ["generate", "run", "convert", "fetch"])
+def test_cli_store_path_the_file_system_cannot_hold_is_refused_creating_nothing(tmp_path, capsys, monkeypatch,
+                                                                                command, kind):
+    monkeypatch.chdir(tmp_path)
+    store = long_store_path(tmp_path, kind)
+    assert len(os.fsencode(store)) + len("/.writer.lock") < path_limits(tmp_path)[1]  # the directory fits
+    if command in ("convert", "fetch"):
+        write_test_store(tmp_path / "source")
+        args = [command, "source", str(store)] + (["--to", "webdataset"] if command == "convert" else [])
+    else:
+        raw = digits_config(tmp_path, variants={"gaussian": {"sigma": 0.1}}, limit=32)
+        raw["store"]["path"] = str(store)
+        write_bytes(tmp_path / "config.yaml", json.dumps(raw).encode())
+        args = [command, "config.yaml"]
+    before = listing(tmp_path)
+    stderr = run_main(args, capsys)
+    match = (r"the name 'n+\.\.\.n+ \(\d+ characters\)' is \d+ bytes, more than the \d+ one name may have on "
+             r"this file system; choose a shorter" if kind == "long-name" else
+             r"would hold paths of \d+ bytes \(.*\.tmp-.*\), more than the \d+ this system allows; choose a shorter "
+             r".*: at most \d+ bytes as an absolute path")
+    assert re_search(match, stderr), stderr
+    assert listing(tmp_path) == before  # not even the store's parent folders
+
+
+def test_cli_convert_to_a_path_with_a_too_long_name_exits_2(tmp_path):
+    """It was exit 1 and an ENAMETOOLONG traceback."""
+    write_test_store(tmp_path / "source")
+    result = run_cli(["convert", "source", str(long_store_path(tmp_path, "long-name")), "--to", "hdf5"], tmp_path)
+    assert "more than the" in result.stderr and not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- generation marker, run outputs

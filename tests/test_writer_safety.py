@@ -9,12 +9,14 @@ moment with the fault points of advpipe/faults.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -24,12 +26,12 @@ import yaml
 from conftest import CLASSES, digits_config, make_arrays, wait_for, write_test_store
 
 from advpipe.config import config_from_dict
-from advpipe.errors import ConfigError, StoreError
+from advpipe.errors import ConfigError, IntegrityError, StoreError
 from advpipe.pipeline import cluster
 from advpipe.pipeline.job import generate
 from advpipe.stores import build_store, convert_store, open_store, read_manifest, verify_store
 from advpipe.stores.lock import HOLDER_NAME, LOCK_NAME
-from advpipe.stores.writer import check_target
+from advpipe.stores.writer import check_target, ownership
 
 BIN = Path(sys.executable).parent
 NOISE = {"gaussian": {"sigma": 0.1}}  # no attack and no source model: a run takes seconds
@@ -153,6 +155,61 @@ def test_force_replaces_a_store_and_an_interrupted_conversion(tmp_path):
     assert not list(target.rglob("*.tar")), "the replaced store's shards were left behind"
     assert (target / LOCK_NAME).exists() and not (target / HOLDER_NAME).exists()
     assert open_store(target).split("train").read([0, 1], 1).shape[0] == 2  # the lock file is no store content
+
+
+def with_refused_member(store: Path, shard: str, member: str) -> None:
+    """Put a member a tar reader refuses (a hard link, an absolute name) before the shard's records, and re-sign
+    the shard in the manifest, as a hostile store's author could: only reading the shard finds it (exit 3)."""
+    info = tarfile.TarInfo("000000000.cls" if member == "hard link" else "/etc/000000000.cls")
+    if member == "hard link":
+        info.type, info.linkname = tarfile.LNKTYPE, "/etc/passwd"
+    path = store / shard
+    path.write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + path.read_bytes())
+    data = path.read_bytes()
+    manifest = json.loads((store / "manifest.json").read_text())
+    for record in (r for split in manifest["splits"].values() for r in split["shards"] if r["name"] == shard):
+        record["bytes"], record["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("member", ["hard link", "absolute name"])
+def test_a_failed_conversion_leaves_nothing_behind(tmp_path, member):
+    """The test split converts before train (sorted): the refused member in train's second shard came after
+    finished shards of both splits, which stayed in the target."""
+    source = tmp_path / "store"
+    write_test_store(source, backend="webdataset")
+    with_refused_member(source, "train/train-00001.tar", member)
+    before = contents(source)
+    target = tmp_path / "new" / "copy"  # two folders this run creates
+    result = advpipe("convert", str(source), str(target), "--to", "hdf5")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr.startswith("advpipe convert: error: shard train/train-00001.tar: member "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+    assert contents(source) == before
+
+
+@pytest.mark.parametrize("existing", ["empty directory", "store replaced with --force"])
+def test_a_failed_conversion_into_an_existing_directory_leaves_no_store(tmp_path, existing):
+    """A directory that was there stays, without a shard, a marker or a manifest: no reader takes it for a store,
+    and the next conversion needs no --force."""
+    source, target = tmp_path / "store", tmp_path / "copy"
+    write_test_store(source, backend="webdataset")
+    if existing == "empty directory":
+        target.mkdir()
+    else:
+        write_test_store(target, count=20)
+    with_refused_member(source, "train/train-00001.tar", "hard link")
+    with pytest.raises(IntegrityError, match="member '000000000.cls' is not a regular file"):
+        convert_store(source, target, "hdf5", overwrite=True, progress=False)
+    assert sorted(p.name for p in target.rglob("*")) == [LOCK_NAME]
+    assert ownership(target) == "empty"
+    with pytest.raises(StoreError, match="no manifest.json"):
+        read_manifest(target)
+    good = tmp_path / "good"
+    write_test_store(good)
+    convert_store(good, target, "webdataset", progress=False)
+    assert verify_store(target).ok
 
 
 def test_replacing_a_run_clears_only_an_advpipe_run_directory(tmp_path):
