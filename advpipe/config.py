@@ -441,6 +441,8 @@ def parse_config(data: bytes, origin: str = "<config>") -> dict[str, Any]:
     beyond 64 bits).
     """
     if len(data) > MAX_CONFIG_BYTES:
+        if data.lstrip().startswith(b"{") and STORE_MANIFEST_MARK in data:  # a large store's manifest.json
+            raise ConfigError(_store_manifest_message(origin))
         raise ConfigError(f"{origin}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config is a few kilobytes of "
                           "YAML, is this the right file?")
     try:
@@ -459,12 +461,31 @@ def parse_config(data: bytes, origin: str = "<config>") -> dict[str, Any]:
                           "takes every default)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    _refuse_store_manifest(raw, origin)
     _check_numbers(raw, origin, ())
     return raw
 
 
+#: how a store's manifest.json (JSON, which YAML reads too) begins to show itself among its first keys
+STORE_MANIFEST_MARK = b'"format": "advpipe-store"'
+
+
+def _refuse_store_manifest(raw: dict[str, Any], origin: str) -> None:
+    """A store's manifest.json given where a config belongs: one line saying so, not a list of unknown keys."""
+    if not isinstance(raw, dict):
+        return
+    if raw.get("format") == "advpipe-store" or ("format_version" in raw and ("splits" in raw or "variants" in raw)):
+        raise ConfigError(_store_manifest_message(origin))
+
+
+def _store_manifest_message(origin: str) -> str:
+    return (f"{origin}: is a store's manifest, not a config; pass a YAML config such as configs/digits.yaml (a "
+            "store is named by its directory: `advpipe sample STORE --config CONFIG`)")
+
+
 def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
     """Validate a plain dict (e.g. built in Python) exactly as a YAML file would be."""
+    _refuse_store_manifest(raw, origin)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
