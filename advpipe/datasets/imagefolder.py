@@ -38,7 +38,7 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 
 def parts(config: SourceConfig, runner: Runner) -> tuple[tuple[str, ...], dict[str, Index]]:
     """(class names, {"train": .., "test": ..} or {"pool": ..}): each part's index, no image decoded."""
-    root = source_path(config, "dir")
+    root = source_path(config, "dir").resolve()  # workers and DataLoader processes may start elsewhere
     if (root / "train").is_dir() and (root / "test").is_dir():
         names = class_folders(root / "train")
         return names, {split: index_folder(root, split, names, runner) for split in ("train", "test")}

@@ -106,6 +106,8 @@ def list_shards(pattern: str, options: dict[str, Any]) -> tuple[str, list[str]]:
         if urls.protocol(directory) in urls.READ_ONLY_PROTOCOLS:
             raise DataError(f"{urls.redact(directory)}: a web location cannot be listed; give the shards as a "
                             "brace pattern, e.g. https://host/data/train-{000000..000099}.tar")
+        if not urls.is_remote(directory):
+            directory = os.path.abspath(directory)
         fs, base = filesystem(directory, options)
         try:
             found = sorted(path.rsplit("/", 1)[-1] for path in fs.glob(f"{base}/*.tar"))
