@@ -24,15 +24,16 @@ reads a whole chunk to check it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -179,6 +180,22 @@ def read_bytes(location: str, options: dict[str, Any], name: str, start: int | N
                         "reachable from here?") from None
 
 
+@contextlib.contextmanager
+def open_local(location: str, options: dict[str, Any], name: str) -> Iterator[BinaryIO]:
+    """A local container opened for reading, with read_bytes' errors."""
+    fs, base = filesystem(location, options)
+    try:
+        handle = open(f"{base}/{name}", "rb")  # noqa: SIM115  (closed below, after the caller's reads)
+    except FileNotFoundError:
+        raise SourceChangedError(f"{urls.redact(location)}/{name}: no longer exists; the source changed since it "
+                                 "was indexed") from None
+    except OSError as exc:
+        raise DataError(f"{urls.redact(location)}/{name}: cannot read it ({exc}); is the source reachable from "
+                        "here?") from None
+    with handle:
+        yield handle
+
+
 def read_ranges(location: str, options: dict[str, Any], names: list[str], starts: list[int | None],
                 stops: list[int | None]) -> list[bytes]:
     """Many ranges of a remote location at once (fsspec's concurrent cat_ranges); errors as read_bytes gives them."""
@@ -308,8 +325,16 @@ class LazySource(Source):
             yield from zip(range(len(rows)), rows, read_ranges(index.location, self.storage_options, names, starts,
                                                                stops), strict=True)
             return
-        for position, (row, name, start, stop) in enumerate(zip(rows, names, starts, stops, strict=True)):
-            yield position, row, read_bytes(index.location, self.storage_options, name, start, stop)
+        with contextlib.ExitStack() as stack:
+            handles: dict[str, Any] = {}  # a tar shard opened once for all its images asked for
+            for position, (row, name, start, stop) in enumerate(zip(rows, names, starts, stops, strict=True)):
+                if start is None or urls.is_remote(index.location):
+                    yield position, row, read_bytes(index.location, self.storage_options, name, start, stop)
+                    continue
+                if name not in handles:
+                    handles[name] = stack.enter_context(open_local(index.location, self.storage_options, name))
+                handles[name].seek(start)
+                yield position, row, handles[name].read(stop - start)
 
 
 # Parts: what the formats build lazy sources from ---------------------------------------------------
