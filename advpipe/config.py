@@ -300,7 +300,7 @@ class SamplerConfig(Section):
 
 
 Measure = Literal["variants", "detector", "calibrated", "fgsm", "minimal_fgsm", "autoattack", "deepfool",
-                  "gaussian_noise", "uniform_noise", "corruptions"]
+                  "gaussian_noise", "uniform_noise", "uniform_noise_renormalised", "corruptions"]
 Corruption = Literal["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                      "brightness", "jpeg_compression", "pixelate"]
 AutoAttackComponent = Literal["apgd-ce", "apgd-t", "deepfool", "square"]

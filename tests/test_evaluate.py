@@ -30,7 +30,16 @@ from advpipe.stores import SplitArrays, build_store, open_store
 from advpipe.trainers import corruptions
 from advpipe.trainers.calibrater import Calibrater
 from advpipe.trainers.detector import DetectorHead
-from advpipe.trainers.evaluate import Subject, evaluate, measure
+from advpipe.trainers.evaluate import (
+    Subject,
+    autoattack_components,
+    autoattack_setting,
+    evaluate,
+    is_standard_autoattack,
+    measure,
+    renormalise,
+    standard_autoattack,
+)
 from advpipe.trainers.report import name_records, write_report
 
 CONSTANT_CLASS = 3
@@ -157,6 +166,59 @@ def test_each_autoattack_component_finds_every_image_inside_the_eps_ball(brightn
     assert details["autoattack"]["largest_perturbation"] <= 0.1 + 1e-6
 
 
+def test_autoattack_records_what_ran_and_is_never_called_standard_with_deepfool_or_arts_dlr(brightness_store):
+    """Issue 21 item 6: ART has no FAB-T (DeepFool stands in) and APGD-T climbs ART's DLR, so even every
+    standard setting on the whole split is not standard AutoAttack; the record names each component and loss."""
+    config = EvaluationConfig()  # the full defaults: 100 iterations, 9 targets, 5000 queries
+    standard, setting = autoattack_setting(config, 10, 359, 359)
+    assert standard is False
+    assert setting == ("non-standard (L-inf; DeepFool in FAB-T's place; APGD-T on ART's DLR loss, not "
+                       "AutoAttack's targeted DLR)")
+    ran = autoattack_components(config.autoattack, 10)
+    assert [(c["name"], c["loss"]) for c in ran] == [
+        ("apgd-ce", "cross-entropy"),
+        ("apgd-t", "art-dlr: -(z_t - max_{i!=t} z_i) / (z_pi1 - z_pi3), minimised"),
+        ("deepfool", None),
+        ("square", "margin")]
+    assert ran[2]["in_place_of"] == "fab-t"
+    # a measured run records the same in details.autoattack
+    results, details = measure_brightness(brightness_store, measures=["autoattack"],
+                                          autoattack={"eps": 0.1, "components": ["apgd-ce", "apgd-t"],
+                                                      "iterations": 5, "targets": 2})
+    assert details["autoattack"]["standard"] is False
+    assert [(c["name"], c["loss"], c["iterations"]) for c in details["autoattack"]["components"]] == [
+        ("apgd-ce", "cross-entropy", 5), ("apgd-t", ART_DLR, 5)]
+    assert details["autoattack"]["components"][1]["targets"] == 2
+    assert results["autoattack"]["setting"] == (
+        "reduced (L-inf; without FAB-T, Square; 5 APGD iterations; 2 APGD-T targets; APGD-T on ART's DLR loss, "
+        "not AutoAttack's targeted DLR)")
+
+
+ART_DLR = "art-dlr: -(z_t - max_{i!=t} z_i) / (z_pi1 - z_pi3), minimised"
+STANDARD = [
+    {"name": "apgd-ce", "loss": "cross-entropy", "iterations": 100, "restarts": 1},
+    {"name": "apgd-t", "loss": "targeted-dlr: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), maximised",
+     "iterations": 100, "restarts": 1, "targets": 9},
+    {"name": "fab-t", "loss": None, "iterations": 100, "restarts": 1, "targets": 9},
+    {"name": "square", "loss": "margin", "queries": 5000, "restarts": 1, "p_init": 0.8},
+]
+
+
+def test_only_exactly_standard_autoattack_is_standard():
+    """Croce & Hein's standard version, written out here, is standard; any one difference is not."""
+    assert standard_autoattack(10) == STANDARD
+    assert is_standard_autoattack(STANDARD, 10, 359, 359) is True
+    assert is_standard_autoattack(STANDARD, 10, 100, 359) is False  # a subset of the test split
+    changes = [(0, "iterations", 20), (1, "loss", ART_DLR), (1, "targets", 3), (2, "name", "deepfool"),
+               (3, "queries", 500), (3, "loss", "cross-entropy")]
+    for index, key, value in changes:
+        ran = [dict(component) for component in STANDARD]
+        ran[index][key] = value
+        assert is_standard_autoattack(ran, 10, 359, 359) is False, (index, key, value)
+    assert is_standard_autoattack(STANDARD[:3], 10, 359, 359) is False
+    assert is_standard_autoattack(STANDARD[1:] + STANDARD[:1], 10, 359, 359) is False
+
+
 def test_deepfool_median_l2_is_the_distance_to_the_boundary_with_overshoot(brightness_store):
     results, details = measure_brightness(brightness_store, measures=["deepfool"])
     # 256 pixels each moved by 1.02 d: L2 = 1.02 * 16 * d; the median of 16 is the mean of the 8th and 9th
@@ -177,6 +239,66 @@ def test_noise_accuracy_flip_rate_and_uniform_noise(brightness_store):
     assert results["noise_flip_rate"]["0.3"] == pytest.approx(1 - results["gaussian_noise"]["0.3"])
     # U(0, 0.6) brightens by 0.3 +- 0.011: class 1 images closer than 0.3 to the boundary cross it
     assert results["uniform_noise"]["0.6"] == pytest.approx(1 - np.mean(d[len(LEVELS):] < 0.3) / 2)
+
+
+def test_renormalise_maps_each_image_min_max_into_0_1() -> None:
+    """The weight-map paper's renormalisation: per image (not per batch, not per pixel), min -> 0 and max -> 1."""
+    x = torch.tensor([[[[0.5, 1.2], [0.9, 0.7]]],       # min 0.5, max 1.2
+                      [[[0.1, 0.3], [0.2, 0.1]]]])      # min 0.1, max 0.3: renormalised on its own range
+    expected = torch.tensor([[[[0.0, 1.0], [4 / 7, 2 / 7]]],
+                             [[[0.0, 1.0], [0.5, 0.0]]]])
+    torch.testing.assert_close(renormalise(x), expected, rtol=0, atol=1e-6)
+    two_channels = torch.tensor([[[[0.2, 0.4]], [[0.6, 1.0]]]])  # one range over all channels of the image
+    torch.testing.assert_close(renormalise(two_channels), torch.tensor([[[[0.0, 0.25]], [[0.5, 1.0]]]]),
+                               rtol=0, atol=1e-6)
+
+
+class Recording(MeanBrightness):
+    """MeanBrightness that keeps every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+def noisy_inputs(store: Path, measure_name: str, a: float) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    """The noisy batches `measure_name` fed the model (its clean passes left out), the clean images, the results."""
+    subject = brightness_subject()
+    subject.model = Recording()
+    config = EvaluationConfig(measures=(measure_name,), uniform_a=(a,), noise_copies=3)
+    results, _, _ = measure(subject, open_store(store), config, torch.device("cpu"), progress=False)
+    clean = torch.from_numpy(open_store(store).split("test").read(np.arange(len(LEVELS) * 2), 0))
+    fed = [x for x in subject.model.inputs if not torch.equal(x, clean)]
+    return fed, clean, results
+
+
+def test_uniform_noise_renormalised_feeds_min_max_renormalised_images_and_clipped_feeds_clipped(brightness_store):
+    """Issue 21 item 4: the paper's form (renormalised) and clipping are two measures, each feeding its own inputs."""
+    fed, clean, results = noisy_inputs(brightness_store, "uniform_noise_renormalised", 0.6)
+    assert len(fed) == 3 and set(results) >= {"uniform_noise_renormalised"} and "uniform_noise" not in results
+    for x in fed:
+        flat = x.flatten(1)
+        assert torch.all(flat.min(dim=1).values == 0.0) and torch.all(flat.max(dim=1).values == 1.0)
+        # only the one brightest noisy pixel reaches 1: nothing saturates, as clipping would make it
+        assert torch.all((flat == 1.0).sum(dim=1) == 1)
+    fed, clean, results = noisy_inputs(brightness_store, "uniform_noise", 0.6)
+    assert len(fed) == 3 and "uniform_noise_renormalised" not in results
+    for x in fed:
+        assert torch.all(x >= clean) and torch.all(x <= torch.clamp(clean + 0.6, max=1.0))
+        assert torch.all(x.flatten(1).min(dim=1).values > 0)  # clipped images keep their grey level
+    brightest = clean.flatten(1).mean(dim=1).argmax()
+    assert torch.mean((fed[0][brightest] == 1.0).float()) > 0.5  # the brightest (0.93) saturates at 1 mostly
+
+
+def test_weight_map_configs_report_the_papers_uniform_noise() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("digits_weight_map", "cifar10_weight_map"):
+        config = config_from_dict(yaml.safe_load((root / f"{name}.yaml").read_text()), name)
+        assert "uniform_noise_renormalised" in config.evaluation.measures, name
 
 
 def test_a_model_wrong_on_every_image_has_no_flip_rate(brightness_store):
@@ -364,7 +486,7 @@ def test_report_puts_runs_side_by_side_in_the_documented_shape(store, constant_r
     entry = report["models"]["constant"]
     assert set(entry) == {"method", "clean_accuracy", "variant_accuracy", "whitebox_fgsm", "minimal_fgsm",
                           "autoattack", "deepfool_median_l2", "gaussian_noise", "noise_flip_rate", "uniform_noise",
-                          "corruptions"}
+                          "uniform_noise_renormalised", "corruptions"}
     assert set(entry["minimal_fgsm"]) == {"success_rate", "mean_linf", "blank_gradient_rate"}
     assert set(entry["autoattack"]) == {"eps", "accuracy", "setting"} and entry["autoattack"]["eps"] == 0.1
     assert set(entry["whitebox_fgsm"]) == {"0.05", "0.2"} and set(entry["corruptions"]) == set(corruptions.SEVERITIES)

@@ -7,10 +7,12 @@ clean test images and on each stored variant of them (transfer from the source m
 - white-box robustness of the model itself: FGSM accuracy over an eps sweep (ART); the BANG
   paper's minimal FGSM (the smallest successful step on a grid, pixels kept in [0, 1]) and the
   share of images whose input gradient is all zeros (then no gradient attack can move them);
-  AutoAttack robust accuracy (ART: APGD-CE, APGD-T, DeepFool in FAB-T's place, Square); the
-  median L2 of DeepFool over the correctly classified images;
-- noise: Gaussian noise over a sigma sweep with the BANG paper's flip rate, uniform noise
-  `clip(x + U(0, a), 0, 1)` (weight-map paper), CIFAR-10-C style corruptions at 5 severities;
+  robust accuracy under ART's AutoAttack runner (APGD-CE, APGD-T on ART's DLR loss, DeepFool in
+  FAB-T's place, Square: not the standard AutoAttack, and labelled so; which components ran, with
+  their losses, is recorded); the median L2 of DeepFool over the correctly classified images;
+- noise: Gaussian noise over a sigma sweep with the BANG paper's flip rate, uniform noise in the
+  weight-map paper's form (`x + U(0, a)` renormalised into [0, 1] per image, min-max) and clipped
+  (`clip(x + U(0, a), 0, 1)`), CIFAR-10-C style corruptions at 5 severities;
 - per method: the detector head's clean/adversarial accuracy, and the frozen model alone vs
   with its calibrater on the shifted variants.
 
@@ -444,25 +446,87 @@ def measure_minimal_fgsm(ctx: Context) -> dict[str, Any]:
                               "eps_step": config.minimal_fgsm_step, "eps_max": config.minimal_fgsm_max}}
 
 
+#: ART's DLR loss as APGD-T runs it: ART's `difference_logits_ratio` with the target class t as the label,
+#: descended (targeted), i.e. maximising (z_t - max_{i != t} z_i) / (z_pi1 - z_pi3); pi sorts the logits.
+ART_TARGETED_DLR = "art-dlr: -(z_t - max_{i!=t} z_i) / (z_pi1 - z_pi3), minimised"
+#: AutoAttack's targeted DLR (Croce & Hein 2020), ascended: y the true class, t the target.
+TARGETED_DLR = "targeted-dlr: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), maximised"
+
+
+def standard_autoattack(num_classes: int) -> list[dict[str, Any]]:
+    """AutoAttack's standard version (Croce & Hein 2020, `version='standard'`), component by component, in the
+    shape `autoattack_components` records what ran; a run is standard only when it ran exactly this."""
+    targets = min(9, num_classes - 1)
+    return [
+        {"name": "apgd-ce", "loss": "cross-entropy", "iterations": 100, "restarts": 1},
+        {"name": "apgd-t", "loss": TARGETED_DLR, "iterations": 100, "restarts": 1, "targets": targets},
+        {"name": "fab-t", "loss": None, "iterations": 100, "restarts": 1, "targets": targets},
+        {"name": "square", "loss": "margin", "queries": 5000, "restarts": 1, "p_init": 0.8},
+    ]
+
+
+def autoattack_components(aa: Any, num_classes: int) -> list[dict[str, Any]]:
+    """What `measure_autoattack` runs, in order: each component's name, its ART attack, the loss it climbs and
+    its settings (`_autoattack_components` builds exactly these)."""
+    described = []
+    for name in aa.components:
+        if name == "apgd-ce":
+            described.append({"name": "apgd-ce", "attack": "art.AutoProjectedGradientDescent", "loss": "cross-entropy",
+                              "iterations": aa.iterations, "restarts": 1})
+        elif name == "apgd-t":
+            described.append({"name": "apgd-t", "attack": "art.AutoProjectedGradientDescent (targeted, per target)",
+                              "loss": ART_TARGETED_DLR, "iterations": aa.iterations, "restarts": 1,
+                              "targets": min(aa.targets, num_classes - 1)})
+        elif name == "deepfool":
+            described.append({"name": "deepfool", "attack": "art.DeepFool", "loss": None, "iterations": 100,
+                              "overshoot": 1e-3, "classes": 10, "in_place_of": "fab-t"})
+        else:
+            described.append({"name": "square", "attack": "art.SquareAttack", "loss": "margin",
+                              "queries": aa.square_queries, "restarts": 1, "p_init": 0.8})
+    return described
+
+
+def is_standard_autoattack(ran: list[dict[str, Any]], num_classes: int, images: int, split_size: int) -> bool:
+    """True only for exactly AutoAttack's standard version: APGD-CE, APGD-T on the targeted DLR, FAB-T and
+    Square, in that order, at the standard settings, on the whole test split."""
+    keys = ("name", "loss", "iterations", "restarts", "targets", "queries", "p_init")
+    wanted = [{k: c.get(k) for k in keys} for c in standard_autoattack(num_classes)]
+    return images >= split_size and [{k: c.get(k) for k in keys} for c in ran] == wanted
+
+
 def autoattack_setting(config: EvaluationConfig, num_classes: int, images: int, split_size: int) -> tuple[bool, str]:
-    """(standard?, a label naming what differs from the standard setting)."""
+    """(standard?, a label naming what differs from the standard setting).
+
+    `reduced (...)` when less was run than the standard version (components, iterations, targets, queries,
+    images), `non-standard (...)` when as much was run but by other components or losses; both name every
+    difference. advpipe's ART runner is never standard: ART has no FAB-T, and its APGD has no targeted DLR.
+    """
     aa = config.autoattack
-    reduced = []
-    missing = [c for c in ("apgd-ce", "apgd-t", "deepfool", "square") if c not in aa.components]
+    ran = autoattack_components(aa, num_classes)
+    norm = "L-inf" if aa.norm == "linf" else "L2"
+    if is_standard_autoattack(ran, num_classes, images, split_size):
+        return True, f"standard ({norm}; APGD-CE, APGD-T, FAB-T, Square)"
+    reduced, substituted = [], []
+    names = [c["name"] for c in ran]
+    missing = [c for c in ("apgd-ce", "apgd-t", "fab-t", "square")
+               if c not in names and not (c == "fab-t" and "deepfool" in names)]
     if missing:
-        reduced.append("without " + ", ".join(missing))
-    if aa.iterations < 100:
+        shown_as = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+        reduced.append("without " + ", ".join(shown_as[m] for m in missing))
+    if ("apgd-ce" in names or "apgd-t" in names) and aa.iterations < 100:
         reduced.append(f"{aa.iterations} APGD iterations")
-    if "apgd-t" in aa.components and aa.targets < min(9, num_classes - 1):
+    if "apgd-t" in names and aa.targets < min(9, num_classes - 1):
         reduced.append(f"{aa.targets} APGD-T targets")
-    if "square" in aa.components and aa.square_queries < 5000:
+    if "square" in names and aa.square_queries < 5000:
         reduced.append(f"{aa.square_queries} Square queries")
     if images < split_size:
         reduced.append(f"{images} of {split_size} test images")
-    norm = "L-inf" if aa.norm == "linf" else "L2"
-    if not reduced:
-        return True, f"standard ({norm}, APGD-CE, APGD-T, DeepFool for FAB-T, Square)"
-    return False, f"reduced ({norm}; " + "; ".join(reduced) + ")"
+    if "deepfool" in names:
+        substituted.append("DeepFool in FAB-T's place")
+    if "apgd-t" in names:
+        substituted.append("APGD-T on ART's DLR loss, not AutoAttack's targeted DLR")
+    label = "reduced" if reduced else "non-standard"
+    return False, f"{label} ({norm}; " + "; ".join(reduced + substituted) + ")"
 
 
 def measure_autoattack(ctx: Context) -> dict[str, Any]:
@@ -485,16 +549,18 @@ def measure_autoattack(ctx: Context) -> dict[str, Any]:
         distance = np.linalg.norm((adversarial - x.numpy()).reshape(len(x), -1), ord=norm, axis=1)
         largest = max(largest, float(distance.max()))
     ctx.step("autoattack")
-    standard, setting = autoattack_setting(config, len(ctx.store.manifest.class_names), len(images),
-                                           ctx.store.manifest.splits[TEST].count)
+    num_classes = len(ctx.store.manifest.class_names)
+    standard, setting = autoattack_setting(config, num_classes, len(images), ctx.store.manifest.splits[TEST].count)
     return {"autoattack": {"eps": aa.eps, "accuracy": correct / len(images), "setting": setting},
             "_autoattack": {"standard": standard, "images": len(images), "norm": aa.norm,
-                            "components": list(aa.components), "iterations": aa.iterations, "targets": aa.targets,
-                            "square_queries": aa.square_queries, "largest_perturbation": largest}}
+                            "components": autoattack_components(aa, num_classes), "iterations": aa.iterations,
+                            "targets": aa.targets, "square_queries": aa.square_queries,
+                            "largest_perturbation": largest}}
 
 
 def _autoattack_components(classifier: Any, aa: Any, norm: float, batch_size: int) -> list[Any]:
-    """The standard AutoAttack list as ART has it (ART has no FAB; DeepFool stands in, as in ART's own default)."""
+    """The components as ART has them (ART has no FAB: DeepFool stands in, as in ART's own default list; its
+    APGD has no targeted DLR); `autoattack_components` describes exactly what this builds."""
     from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAttack
 
     built = []
@@ -522,9 +588,10 @@ def _targeted_apgd_class() -> type:
     from art.estimators.estimator import BaseEstimator
 
     class TopClassTargetsAttack(EvasionAttack):
-        """APGD-T: targeted APGD on the DLR loss towards each of an image's `targets` highest other classes
-        in turn (AutoAttack's rule), keeping the first success inside the eps ball. Untargeted as a whole,
-        so ART's AutoAttack checks its results like any untargeted component."""
+        """APGD-T: targeted APGD towards each of an image's `targets` highest other classes in turn
+        (AutoAttack's rule), keeping the first success inside the eps ball. Untargeted as a whole, so ART's
+        AutoAttack checks its results like any untargeted component. The loss is ART's DLR with the target as
+        the label (`ART_TARGETED_DLR`), not AutoAttack's targeted DLR (`TARGETED_DLR`)."""
 
         attack_params = EvasionAttack.attack_params + ["targets"]
         _estimator_requirements = (BaseEstimator, ClassifierMixin)
@@ -592,7 +659,8 @@ def measure_deepfool(ctx: Context) -> dict[str, Any]:
 
 def _noise_sweep(ctx: Context, kind: str, levels: tuple[float, ...],
                  noise: Callable[[Tensor, float, torch.Generator], Tensor]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Accuracy over `noise_copies` noisy copies of each image, and the flip rate on the correctly classified."""
+    """Accuracy over `noise_copies` noisy copies of each image, and the flip rate on the correctly classified.
+    `noise` returns the model's input, already brought back into [0, 1]."""
     accuracy, flips = {}, {}
     model, device, copies = ctx.subject.model, ctx.device, ctx.config.noise_copies
     for level in levels:
@@ -602,7 +670,7 @@ def _noise_sweep(ctx: Context, kind: str, levels: tuple[float, ...],
             clean = predictions(model, x, device)
             was_right = clean == y
             for _ in range(copies):
-                noisy = noise(x, level, generator).clamp(0.0, 1.0)
+                noisy = noise(x, level, generator)
                 predicted = predictions(model, noisy, device)
                 correct += int((predicted == y).sum())
                 flipped += int(((predicted != clean) & was_right).sum())
@@ -613,16 +681,43 @@ def _noise_sweep(ctx: Context, kind: str, levels: tuple[float, ...],
     return accuracy, flips
 
 
+def renormalise(x: Tensor) -> Tensor:
+    """Min-max renormalisation of each image (over all its channels and pixels) into [0, 1]: its smallest value
+    becomes 0, its largest 1. An image with a single value (no range) is clipped into [0, 1] instead."""
+    shape = (len(x),) + (1,) * (x.dim() - 1)
+    flat = x.flatten(1)
+    low, high = flat.min(dim=1).values.view(shape), flat.max(dim=1).values.view(shape)
+    span = high - low
+    return torch.where(span > 0, (x - low) / torch.where(span > 0, span, torch.ones_like(span)), x.clamp(0.0, 1.0))
+
+
+def uniform_noise_clipped(x: Tensor, a: float, generator: torch.Generator) -> Tensor:
+    """`clip(x + U(0, a), 0, 1)`: noise that is never negative saturates bright pixels at 1."""
+    return (x + a * torch.rand(x.shape, generator=generator)).clamp(0.0, 1.0)
+
+
+def uniform_noise_renormalised(x: Tensor, a: float, generator: torch.Generator) -> Tensor:
+    """The weight-map paper's uniform noise (seed 004, section 4): `x + U(0, a)`, then each noisy image
+    renormalised into [0, 1] (min-max), so no pixel saturates and the image's contrast shrinks instead."""
+    return renormalise(x + a * torch.rand(x.shape, generator=generator))
+
+
 def measure_gaussian(ctx: Context) -> dict[str, Any]:
     accuracy, flips = _noise_sweep(ctx, "gaussian_noise", ctx.config.gaussian_sigmas,
-                                   lambda x, s, g: x + s * torch.randn(x.shape, generator=g))
+                                   lambda x, s, g: (x + s * torch.randn(x.shape, generator=g)).clamp(0.0, 1.0))
     return {"gaussian_noise": accuracy, "noise_flip_rate": flips}
 
 
 def measure_uniform(ctx: Context) -> dict[str, Any]:
-    accuracy, _ = _noise_sweep(ctx, "uniform_noise", ctx.config.uniform_a,
-                               lambda x, a, g: x + a * torch.rand(x.shape, generator=g))
+    """Uniform noise, clipped into [0, 1] (not the weight-map paper's form: see measure_uniform_renormalised)."""
+    accuracy, _ = _noise_sweep(ctx, "uniform_noise", ctx.config.uniform_a, uniform_noise_clipped)
     return {"uniform_noise": accuracy}
+
+
+def measure_uniform_renormalised(ctx: Context) -> dict[str, Any]:
+    """Uniform noise in the weight-map paper's form: each noisy image renormalised into [0, 1]."""
+    accuracy, _ = _noise_sweep(ctx, "uniform_noise_renormalised", ctx.config.uniform_a, uniform_noise_renormalised)
+    return {"uniform_noise_renormalised": accuracy}
 
 
 def measure_corruptions(ctx: Context) -> dict[str, Any]:
@@ -646,7 +741,7 @@ def _steps(config: EvaluationConfig, subject: Subject) -> int:
     counts = {"variants": 1, "detector": int(subject.detector is not None),
               "calibrated": int(subject.base_model is not None), "fgsm": len(config.fgsm_eps), "minimal_fgsm": 1,
               "autoattack": 1, "deepfool": 1, "gaussian_noise": len(config.gaussian_sigmas),
-              "uniform_noise": len(config.uniform_a),
+              "uniform_noise": len(config.uniform_a), "uniform_noise_renormalised": len(config.uniform_a),
               "corruptions": len(config.corruptions) * len(config.severities)}
     return sum(counts[m] for m in config.measures)
 
@@ -654,7 +749,8 @@ def _steps(config: EvaluationConfig, subject: Subject) -> int:
 MEASURE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "detector": measure_detector, "fgsm": measure_fgsm, "minimal_fgsm": measure_minimal_fgsm,
     "autoattack": measure_autoattack, "deepfool": measure_deepfool, "gaussian_noise": measure_gaussian,
-    "uniform_noise": measure_uniform, "corruptions": measure_corruptions,
+    "uniform_noise": measure_uniform, "uniform_noise_renormalised": measure_uniform_renormalised,
+    "corruptions": measure_corruptions,
 }
 
 

@@ -34,7 +34,8 @@ EVALUATION_DIR = "evaluation"
 PLOTS = ("accuracy_vs_eps.png", "accuracy_vs_noise.png", "variant_accuracy.png", "corruptions.png")
 #: the keys of one model in report.json (docs/REPORT.md); a key that does not apply to a model is left out
 REPORT_KEYS = ("method", "clean_accuracy", "variant_accuracy", "whitebox_fgsm", "minimal_fgsm", "autoattack",
-               "deepfool_median_l2", "gaussian_noise", "noise_flip_rate", "uniform_noise", "corruptions",
+               "deepfool_median_l2", "gaussian_noise", "noise_flip_rate", "uniform_noise",
+               "uniform_noise_renormalised", "corruptions",
                "calibrated", "detector")
 
 
@@ -213,9 +214,11 @@ def corruption_means(corruptions: dict[str, dict[str, float]] | None) -> tuple[d
 def headline(models: dict[str, dict[str, Any]]) -> str:
     """One row per model: the numbers a user compares first (the main job prints this table)."""
     fgsm_eps = _headline_eps(models)
+    renormalised = any(r["results"].get("uniform_noise_renormalised") for r in models.values())
     header = ["model", "method", "clean", "AutoAttack", f"FGSM eps={fgsm_eps}" if fgsm_eps else "FGSM",
               "min-FGSM success", "blank gradients", "DeepFool median L2", "Gaussian noise (mean)",
-              "uniform noise (mean)", "corruptions (mean)"]
+              "uniform noise, clipped (mean)", *(["uniform noise, renormalised (mean)"] if renormalised else []),
+              "corruptions (mean)"]
     rows = []
     for name, record in models.items():
         r = record["results"]
@@ -225,7 +228,9 @@ def headline(models: dict[str, dict[str, Any]]) -> str:
                      pct((r.get("whitebox_fgsm") or {}).get(fgsm_eps)) if fgsm_eps else "-",
                      pct(minimal.get("success_rate")), pct(minimal.get("blank_gradient_rate")),
                      num(r.get("deepfool_median_l2")), pct(_mean(r.get("gaussian_noise"))),
-                     pct(_mean(r.get("uniform_noise"))), pct(corruption_means(r.get("corruptions"))[1])])
+                     pct(_mean(r.get("uniform_noise"))),
+                     *([pct(_mean(r.get("uniform_noise_renormalised")))] if renormalised else []),
+                     pct(corruption_means(r.get("corruptions"))[1])])
     return _table(header, rows)
 
 
@@ -323,7 +328,9 @@ def _autoattack_section(models: dict[str, dict[str, Any]]) -> str:
     if not rows:
         return ""
     return ("## AutoAttack and DeepFool\n\nAutoAttack through ART (docs/REPORT.md): a setting marked *reduced* is "
-            "cheaper than the standard one and overestimates robustness.\n\n"
+            "cheaper than the standard one and overestimates robustness; *non-standard* runs other components or "
+            "losses than AutoAttack's (DeepFool for FAB-T, ART's DLR for APGD-T's targeted DLR), so its number is "
+            "not comparable with published AutoAttack results.\n\n"
             + _table(["model", "AutoAttack accuracy", "eps", "setting", "DeepFool median L2", "DeepFool success"],
                      rows))
 
@@ -333,8 +340,10 @@ def _noise_section(models: dict[str, dict[str, Any]]) -> str:
     for key, title in (("gaussian_noise", "Gaussian noise: accuracy"),
                        ("noise_flip_rate", "Gaussian noise: flip rate (BANG; correctly classified images whose "
                                            "noisy copy is classified differently)"),
+                       ("uniform_noise_renormalised", "Uniform noise x + U(0, a), each image renormalised into "
+                                                      "[0, 1] (min-max; the weight-map paper's form): accuracy"),
                        ("uniform_noise", "Uniform noise clip(x + U(0, a), 0, 1): accuracy")):
-        table = _sweep_section(models, key, "a" if key == "uniform_noise" else "sigma")
+        table = _sweep_section(models, key, "a" if key.startswith("uniform_noise") else "sigma")
         if table:
             parts.append(f"### {title}\n\n{table}")
     return "## Noise\n\n" + "\n\n".join(parts) if parts else ""
@@ -423,7 +432,8 @@ def _plot_noise(models: dict[str, dict[str, Any]]) -> Any:
     panels = [(key, label, title) for key, label, title in (
         ("gaussian_noise", "sigma", "Gaussian noise: accuracy"),
         ("noise_flip_rate", "sigma", "Gaussian noise: flip rate"),
-        ("uniform_noise", "a", "Uniform noise U(0, a): accuracy"))
+        ("uniform_noise_renormalised", "a", "Uniform noise U(0, a), renormalised: accuracy"),
+        ("uniform_noise", "a", "Uniform noise U(0, a), clipped: accuracy"))
         if any(r["results"].get(key) for r in models.values())]
     if not panels:
         return None
