@@ -210,6 +210,43 @@ def test_bang_trains_through_the_shared_loop_and_leaves_the_model_plain() -> Non
     assert all("forward" not in vars(m) for m in model.modules())  # teardown restored the class forward
 
 
+def one_image_loader(x: Tensor, y: Tensor, steps: int = 1) -> list[Batch]:
+    return [batch_of(x, y)] * steps
+
+
+def test_beta_scales_the_weight_decay_part_of_the_update_too() -> None:
+    """One SGD step (lr 0.1, weight decay 0.5, no momentum) with beta 2 on a 2x2 layer, by hand.
+
+    W = I, b = 0, x = (1, 0), y = 0: logits (1, 0), dCE/dlogits = (-s, s) with s = 1 / (1 + e), so
+    dL/dW = [[-s, 0], [s, 0]] and dL/db = (-s, s). The whole update is beta * lr * (grad + decay * w):
+    W' = [[1 - 0.2 (0.5 - s), 0], [-0.2 s, 1 - 0.2 * 0.5]], b' = (0.2 s, -0.2 s).
+    """
+    s = 1 / (1 + math.e)
+    layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(2))
+        layer.bias.zero_()
+    model = nn.Sequential(layer)
+    optim = OptimConfig(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.5, epochs=1, schedule="constant")
+    fit(model, BangMethod(eps=0.815, beta=2.0), one_image_loader(torch.tensor([[1.0, 0.0]]), torch.tensor([0])),
+        optim=optim, progress=False)
+    expected_w = torch.tensor([[0.9 + 0.2 * s, 0.0], [-0.2 * s, 0.9]])
+    assert torch.allclose(layer.weight, expected_w, atol=1e-6), layer.weight  # the old code: w11 = 0.95
+    assert torch.allclose(layer.bias, torch.tensor([0.2 * s, -0.2 * s]), atol=1e-6)
+
+
+def test_beta_acts_as_a_learning_rate_factor_under_sgd_with_momentum_and_decay() -> None:
+    """eps 0: BANG with beta 1.5 at lr 0.02 takes the steps plain training takes at lr 0.03, decay included."""
+    x, y = data(n=8)
+    optim = OptimConfig(optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=0.05, epochs=1, schedule="constant")
+    scaled, plain = conv_linear_net(), conv_linear_net()
+    fit(scaled, BangMethod(eps=0.0, beta=1.5), one_image_loader(x, y, 4), optim=optim, progress=False)
+    fit(plain, BangMethod(eps=0.0, beta=1.0), one_image_loader(x, y, 4),
+        optim=optim.model_copy(update={"lr": 0.03}), progress=False)
+    for (name, p), q in zip(scaled.named_parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
 def test_bad_input_is_refused_with_the_offending_name() -> None:
     with pytest.raises(ModelError, match="Sequential has no nn.Linear or nn.Conv2d"):
         BangMethod().setup(nn.Sequential(nn.ReLU(), nn.Flatten()), torch.device("cpu"))

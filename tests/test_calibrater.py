@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CLASSES, make_arrays, saved_model, write_test_store
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,10 +24,15 @@ from advpipe.trainers.calibrater import (
     Calibrater,
     CalibraterMethod,
     calibrate,
+    centroid_gradients,
     count_parameters,
+    finetune_centroids,
     load_calibrater,
+    quantize_uniform,
     quantize_weights,
+    reestimate_batchnorm,
     save_calibrater,
+    share_weights,
 )
 from advpipe.trainers.loop import evaluate, fit
 from advpipe.trainers.registry import MethodContext, build_method
@@ -135,17 +141,138 @@ def test_quantisation_finds_the_clusters_of_a_layer() -> None:
     assert torch.allclose(torch.unique(layer.weight), centres, atol=0.01)
 
 
+def as_paired_batch(items) -> Batch:
+    """b2 rows with their clean twins, as a loader with pair_clean gives them."""
+    x, x_clean, y, index, variant = (torch.stack(column) for column in zip(*items, strict=True))
+    return Batch(x=x, y=y, variant=variant, index=index, x_clean=x_clean)
+
+
 def test_quantised_main_model_is_quantised_in_setup_then_frozen(tmp_path: Path) -> None:
     path = checkpoint(tmp_path, "lenet", shape=(1, 8, 8))
     method = CalibraterMethod({"quantize_bits": 2, "variants": ["b2"]}, checkpoint=path,
                               variant_names=["clean", "b2"])
-    data = TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16),
-                         torch.ones(16, dtype=torch.long))
+    assert method.sampler_config("adversarial", SamplerConfig(), []).pair_clean  # clean twins to fine-tune on
+    data = TensorDataset(torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)),
+                         torch.arange(16), torch.ones(16, dtype=torch.long))
     model = build_model("lenet", 10, (1, 8, 8))
-    fit(model, method, DataLoader(data, batch_size=8, collate_fn=as_batch), optim=ADAM, progress=False)
+    fit(model, method, DataLoader(data, batch_size=8, collate_fn=as_paired_batch), optim=ADAM, progress=False)
+    assert method.compression["finetune_steps"] == 2  # one pass over the two batches' clean twins
     for module in model.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             assert len(torch.unique(module.weight)) <= 4
+    # G as the paper deploys it with a compressed f: 8 bits when training ends
+    for module in method.generator.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            assert len(torch.unique(module.weight)) <= 256
+
+
+def test_fine_tuned_centroids_keep_at_most_2_to_the_bits_values_and_learn() -> None:
+    torch.manual_seed(0)
+    model = build_model("lenet", 10, (1, 8, 8))
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    for bits in (2, 3):
+        net = build_model("lenet", 10, (1, 8, 8))
+        net.load_state_dict(model.state_dict())
+        books = share_weights(net, bits)
+        before = {name: book.module.weight.detach().clone() for name, book in books.items()}
+        with torch.no_grad():
+            loss_before = F.cross_entropy(net(x), y).item()
+        steps = finetune_centroids(net, books, [(x, y)] * 5, lr=1e-3, epochs=2)
+        assert steps == 10
+        for name, book in books.items():
+            weight = book.module.weight
+            assert len(torch.unique(weight)) <= 2 ** bits
+            assert not torch.equal(weight, before[name])  # the centroids moved
+            # each weight still sits on its own centroid: the sharing pattern is the k-means one
+            assert torch.equal(weight, book.centroids.float()[book.labels])
+        with torch.no_grad():
+            assert F.cross_entropy(net(x), y).item() < loss_before
+
+
+def test_a_centroid_moves_by_the_sum_of_the_gradients_of_its_weights() -> None:
+    """Han et al.'s eq. 3 on a 2x3 layer, by hand: loss = sum(w * g) has dL/dw = g."""
+    labels = torch.tensor([[0, 1, 1], [2, 0, 1]])
+    grads = torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.25, 4.0]])
+    # centroid 0: 0.5 + 0.25; centroid 1: -1 + 2 + 4; centroid 2: 3; centroid 3 holds no weight
+    assert torch.equal(centroid_gradients(labels, grads, 4), torch.tensor([0.75, 5.0, 3.0, 0.0], dtype=torch.float64))
+
+    class Probe(nn.Module):  # logits whose cross-entropy gradient w.r.t. the weight is known
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 2, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)
+
+    probe = Probe()
+    with torch.no_grad():
+        probe.layer.weight.copy_(torch.tensor([[1.0, -1.0, -1.0], [3.0, 1.0, -1.0]]))
+    books = share_weights(probe, 2)  # 3 distinct values: kept as they are, labels by value
+    assert torch.equal(books["layer"].labels, torch.tensor([[1, 0, 0], [2, 1, 0]]))
+    # x = (1, 0, 0), y = 0: logits (1, 3); dCE/dlogits = softmax - onehot = (p0 - 1, p1); dL/dW = outer(that, x)
+    p = torch.softmax(torch.tensor([1.0, 3.0], dtype=torch.float64), 0)
+    finetune_centroids(probe, books, [(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]))], lr=1.0)
+    # centroid -1 (label 0) holds w01, w02, w12: gradient 0; centroid 1 (label 1) holds w00 and w11: p0 - 1;
+    # centroid 3 (label 2) holds w10: p1
+    expected = torch.tensor([-1.0, 1.0 - (p[0].item() - 1), 3.0 - p[1].item()], dtype=torch.float64)
+    assert torch.allclose(books["layer"].centroids, expected, atol=1e-6)
+    assert torch.allclose(probe.layer.weight, expected.float()[books["layer"].labels])
+
+
+def test_batchnorm_statistics_are_re_estimated_on_the_data() -> None:
+    """After quantisation a conv -> bn net's running statistics become those of the data it is shown."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Dropout(0.5))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+        net[0].bias.zero_()
+    quantize_weights(net, 2)
+    assert torch.equal(net[1].running_mean, torch.zeros(2)) and torch.equal(net[1].running_var, torch.ones(2))
+    images = [torch.full((4, 1, 3, 3), 3.0), torch.full((4, 1, 3, 3), 5.0)]  # conv outputs: (3, 6) and (5, 10)
+    net.eval()
+    assert reestimate_batchnorm(net, images) == 1
+    assert torch.allclose(net[1].running_mean, torch.tensor([4.0, 8.0]))
+    # unbiased variances per batch, averaged: 0 within each constant batch
+    assert torch.allclose(net[1].running_var, torch.zeros(2))
+    assert net[1].momentum == 0.1 and not net.training  # left as it was
+    assert reestimate_batchnorm(nn.Sequential(nn.Linear(2, 2)), []) == 0
+
+
+def test_quantised_main_model_has_its_batchnorm_re_estimated_in_setup(tmp_path: Path) -> None:
+    path = checkpoint(tmp_path, "mobilenet_v2_cifar")
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    method = CalibraterMethod({"quantize_bits": 3, "variants": ["b2"], "finetune_epochs": 0}, checkpoint=path,
+                              variant_names=["clean", "b2"])
+    clean = 0.25 + 0.5 * torch.rand(16, 3, 8, 8)
+    data = TensorDataset(torch.rand(16, 3, 8, 8), clean, torch.randint(0, 10, (16,)), torch.arange(16),
+                         torch.ones(16, dtype=torch.long))
+    model = build_model("mobilenet_v2_cifar", 10, (3, 8, 8))
+    method.loader = DataLoader(data, batch_size=16, collate_fn=as_paired_batch)
+    method.setup(model, torch.device("cpu"))
+    first = model.features[0][1] if hasattr(model, "features") and isinstance(model.features, nn.Sequential) else \
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    name = next(n for n, m in model.named_modules() if m is first)
+    assert not torch.equal(first.running_mean, saved[f"{name}.running_mean"])
+    with torch.no_grad():
+        out = conv(model.normalize(clean))  # the first batch norm reads the first convolution's output
+    assert torch.allclose(first.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(first.running_var, out.var(dim=(0, 2, 3), unbiased=True), atol=1e-4)
+    method.teardown(model)
+
+
+def test_generator_weights_take_at_most_256_values_per_layer() -> None:
+    torch.manual_seed(0)
+    generator = Calibrater(3, 32, blocks=2)
+    nn.init.normal_(generator.up[-1].weight, std=0.1)
+    layers = {name: m for name, m in generator.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)}
+    assert max(len(torch.unique(m.weight)) for m in layers.values()) > 256  # thousands of float32 values
+    before = {name: m.weight.detach().clone() for name, m in layers.items()}
+    counts = quantize_uniform(generator, 8)
+    assert set(counts) == set(layers)
+    for name, module in layers.items():
+        assert len(torch.unique(module.weight)) <= 256
+        step = (before[name].max() - before[name].min()) / 255
+        assert (module.weight - before[name]).abs().max() <= step / 2 + 1e-6  # rounded to the nearest level
 
 
 def shifted_digits(split: str, offset: int) -> tuple[torch.Tensor, torch.Tensor]:

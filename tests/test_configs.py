@@ -33,7 +33,7 @@ INPUT_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}
 EXPECTED = {
     "cifar10_detector": ("cifar10", "data/cifar-10-batches-py", {"cifar_resnet34"},
                          {"clean", "adversarial", "detector"}),
-    "mnist_bang": ("mnist", "data/mnist", {"lenet"}, {"clean", "bang"}),
+    "mnist_bang": ("mnist", "data/mnist", {"caffe_lenet"}, {"clean", "bang"}),
     "cifar10_bang": ("cifar10", "data/cifar-10-batches-py", {"caffe_quick"}, {"clean", "bang"}),
     "mnist_perturbation_bias": ("mnist", "data/mnist", {"lenet"}, {"clean", "perturbation_bias", "adversarial"}),
     "cifar10_weight_map": ("cifar10", "data/cifar-10-batches-py",

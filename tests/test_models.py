@@ -33,6 +33,9 @@ CASES = [
     ("lenet", (1, 28, 28)),
     ("lenet", (3, 32, 32)),
     ("caffe_quick", (3, 32, 32)),
+    ("caffe_lenet", (1, 28, 28)),
+    ("caffe_lenet", (1, 16, 16)),
+    ("caffe_lenet", (3, 32, 32)),
     ("cifar_resnet18", (3, 32, 32)),
     ("cifar_resnet34", (3, 32, 32)),
     ("mobilenet_v2_cifar", (3, 32, 32)),
@@ -61,7 +64,7 @@ def test_registry_lists_the_builtin_architectures() -> None:
         f"wm_{family}_{variant}" for family in ("resnet", "densenet")
         for variant in ("conv", "smoothing", "unsharp", "smoothing_alt", "unsharp_alt")}
     assert set(ARCHITECTURES) == {"lenet", "cifar_resnet18", "cifar_resnet34", "mobilenet_v2_cifar",
-                                  "vgg16_cifar", "caffe_quick"} | weight_map_skeletons
+                                  "vgg16_cifar", "caffe_quick", "caffe_lenet"} | weight_map_skeletons
 
 
 @pytest.mark.parametrize(("arch", "shape"), CASES, ids=[f"{a}-{s[0]}x{s[1]}" for a, s in CASES])
@@ -94,6 +97,30 @@ def test_builtin_models_have_three_to_five_levels() -> None:
         assert 3 <= len(maps) <= 5, arch
         # shallow -> deep: spatial size never grows
         assert all(a.shape[-1] >= b.shape[-1] for a, b in zip(maps, maps[1:], strict=False)), arch
+
+
+def test_caffe_lenet_is_caffes_mnist_lenet_with_the_bang_papers_dropout() -> None:
+    """conv1 20*1*5*5+20, conv2 50*20*5*5+50, fc1 800*500+500, fc2 500*10+10 = 431,080 parameters."""
+    model = build_model("caffe_lenet", 10, (1, 28, 28))
+    assert sum(p.numel() for p in model.parameters()) == 520 + 25_050 + 400_500 + 5_010 == 431_080
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 20, (5, 5), (0, 0)), (20, 50, (5, 5), (0, 0))]
+    assert [(f.in_features, f.out_features) for f in linears] == [(800, 500), (500, 10)]
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    x = torch.rand(4, 1, 28, 28)
+    assert [tuple(m.shape[1:]) for m in model.features(x)] == [(20, 24, 24), (50, 8, 8), (500, 1, 1)]
+    torch.manual_seed(0)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout is active in training
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    # Caffe scales pixels to [0, 1] and subtracts no mean: the model normalises nothing
+    assert torch.equal(model.normalize(x), x)
+    with pytest.raises(ModelError, match="at least 16x16"):
+        build_model("caffe_lenet", 10, (1, 12, 12))
 
 
 def test_normalisation_happens_inside_the_model(lenet: SourceModel) -> None:

@@ -7,7 +7,12 @@ the weight and bias gradient is scaled by
     rho_i = eps_i * (1 - ||k_i|| / m),  eta_i = (m / ||k_i||) ** rho_i  (1 where k_i = 0)
     grad_w = beta * sum_i eta_i * dE_i/dw            (the loss is the batch mean, so 1/N is in dE_i)
 
-while the gradient passed to lower layers stays the ordinary one. `eps_i` is
+while the gradient passed to lower layers stays the ordinary one. beta "modifies the learning rate"
+(the paper, eq. 6; in Caffe a layer's learning-rate factor multiplies its whole update, weight decay
+included), so the optimiser's weight decay of these layers is scaled by beta too: `after_backward` adds
+(beta - 1) * weight_decay * w to the gradient the optimiser then adds weight_decay * w to, and an SGD
+step (momentum included) is beta times the ordinary one, decay and all. Under Adam, which divides by
+the gradient's running scale, beta (on the gradient or on all of it) changes next to nothing. `eps_i` is
 `eps` for samples the model classifies correctly and `eps * misclassified_ratio`
 for the others (the CIFAR-10 runs used half).
 
@@ -258,6 +263,25 @@ def bang_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear | nn.Conv2d)]
 
 
+def scale_weight_decay(layers: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    """Make beta scale the weight-decay part of each BANG layer's update as it scales the gradient part.
+
+    The optimiser adds weight_decay * w to the gradient (SGD and Adam alike, before momentum); adding
+    (beta - 1) * weight_decay * w here makes that beta * weight_decay * w. Identical on every rank (the
+    weights are), so it needs no communication after the gradients were averaged.
+    """
+    decay = {id(p): float(group.get("weight_decay", 0.0)) for group in optimizer.param_groups for p in group["params"]}
+    with torch.no_grad():
+        for module in layers:
+            beta = module._bang_scale.beta
+            if beta == 1.0:
+                continue
+            for param in (module.weight, module.bias):
+                weight_decay = decay.get(id(param), 0.0) if param is not None else 0.0
+                if weight_decay and param.grad is not None:
+                    param.grad.add_(param, alpha=(beta - 1.0) * weight_decay)
+
+
 class BangMethod(Method):
     """Cross-entropy on the batch's images with BANG-scaled weight gradients in every Linear/Conv2d layer.
 
@@ -308,6 +332,9 @@ class BangMethod(Method):
 
     def after_backward(self, model: nn.Module, batch: Batch, ctx: StepContext) -> None:
         self._batch.eps_factor = None  # the gradients are done; later forwards are another batch
+        optimizer = getattr(ctx, "optimizer", None)
+        if optimizer is not None:
+            scale_weight_decay(self._patched, optimizer)
 
     def teardown(self, model: nn.Module) -> None:
         for module in self._patched:

@@ -22,16 +22,25 @@ additive form), with a zero-initialised last convolution, make `G` start as the 
 draws only the chosen variants, whatever the `data` option says, unless `data: sampler`.)
 `G` has its own Adam optimiser with the paper's schedule (lr, then lr/2, lr/4, lr/10 at each quarter
 of the epochs, from 2e-4), stepped in `after_backward`; the shared optimiser settings do not apply
-to it. Optionally `f`'s weights are first quantised to 2 or 3 bits by per-layer k-means weight
-sharing (Deep Compression, as the paper's section 4.3 does).
+to it.
+
+Optionally `f` is first compressed as the paper's section 4.3 does, "using deep compression" (Han et
+al. 2016, the quantisation stage): per-layer k-means weight sharing to `quantize_bits` bits, then
+fine-tuning of the shared centroids on clean training images (each centroid moves by the sum of the
+gradients of the weights that share it, Han et al.'s eq. 3, so every layer keeps at most 2**bits values),
+then the batch-norm statistics re-estimated on clean images; the fine-tuning images are the clean twins
+of the calibrater's own batches (the loader pairs them). `G` is then quantised to 8 bits "without any
+quantization training" (uniform per-layer grid) when training ends, as the paper does for its compressed
+main models (`generator_bits`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -41,7 +50,7 @@ from torch import Tensor, nn
 
 from advpipe.batch import Batch
 from advpipe.config import SamplerConfig
-from advpipe.errors import ConfigError, ModelError, StoreError
+from advpipe.errors import ConfigError, ModelError, StoreError, TrainingError
 from advpipe.io import atomic_path
 from advpipe.models.files import load_tensor_file
 from advpipe.trainers import distributed
@@ -77,6 +86,13 @@ class CalibraterParams(BaseModel):
     schedule: Literal["paper", "constant"] = "paper"
     quantize_bits: int | None = Field(default=None, ge=1, le=8,
                                       description="k-means-quantise f's weights to this many bits first (paper: 2, 3)")
+    finetune_epochs: int = Field(default=1, ge=0, le=100,
+                                 description="passes over the clean training images fine-tuning the shared centroids "
+                                             "of a quantised f (Deep Compression; 0: plain k-means)")
+    finetune_lr: float = Field(default=1e-4, gt=0.0, description="SGD learning rate of the centroid fine-tuning")
+    generator_bits: Annotated[int, Field(ge=2, le=16)] | Literal["auto"] | None = Field(
+        default="auto", description="quantise G's weights to this many bits when training ends (auto: 8 when "
+                                    "quantize_bits is set, as the paper's section 4.3; None: keep float32)")
     checkpoint: Path | None = Field(default=None, description="f's checkpoint (default: model.checkpoint)")
 
     @field_validator("variants")
@@ -217,35 +233,156 @@ def load_calibrater(path: str | Path, device: torch.device | str = "cpu") -> Cal
 # ------------------------------------------------------------------------------------------ quantisation
 
 
-def quantize_weights(model: nn.Module, bits: int) -> dict[str, int]:
+@dataclass
+class Codebook:
+    """One layer's shared weights: weight = centroids[labels] (Deep Compression's weight sharing)."""
+
+    module: nn.Module
+    centroids: Tensor  # (k,) float64 on the CPU
+    labels: Tensor  # int64, the weight's shape, on the weight's device
+
+    def apply(self) -> None:
+        """Write centroids[labels] into the layer's weight."""
+        weight = self.module.weight
+        with torch.no_grad():
+            weight.copy_(self.centroids.to(weight.device, weight.dtype)[self.labels])
+
+
+def _share(weight: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """(centroids, labels) of one weight tensor by k-means with Deep Compression's linear initialisation."""
+    from sklearn.cluster import KMeans
+
+    values = weight.detach().cpu().double().numpy().reshape(-1, 1)
+    distinct, inverse = np.unique(values, return_inverse=True)
+    if len(distinct) <= clusters:  # already shared (e.g. quantised before): keep the values as they are
+        centroids, labels = distinct, inverse
+    else:
+        init = np.linspace(distinct[0], distinct[-1], clusters).reshape(-1, 1)
+        kmeans = KMeans(n_clusters=clusters, init=init, n_init=1).fit(values)
+        centroids, labels = kmeans.cluster_centers_.reshape(-1), kmeans.labels_
+    return (torch.from_numpy(np.asarray(centroids, dtype=np.float64)),
+            torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(weight.shape)).to(weight.device))
+
+
+def share_weights(model: nn.Module, bits: int) -> dict[str, Codebook]:
     """Per-layer k-means weight sharing, in place: every conv/linear weight keeps at most 2**bits values.
 
     scikit-learn's KMeans with Deep Compression's linear initialisation (centroids spread evenly
     between the layer's smallest and largest weight, which keeps the rare large weights); biases and
-    normalisation parameters stay full precision. Returns each quantised layer's number of values.
+    normalisation parameters stay full precision. Returns each quantised layer's codebook, for
+    `finetune_centroids`.
     """
-    from sklearn.cluster import KMeans
-
     clusters = 2 ** int(bits)
-    shared: dict[str, int] = {}
+    books: dict[str, Codebook] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, QUANTIZED_LAYERS):
-            continue
-        weight = module.weight.detach()
-        values = weight.cpu().double().numpy().reshape(-1, 1)
-        distinct = np.unique(values)
-        if len(distinct) <= clusters:  # already shared (e.g. quantised before)
-            shared[name] = len(distinct)
-            continue
-        init = np.linspace(distinct[0], distinct[-1], clusters).reshape(-1, 1)
-        kmeans = KMeans(n_clusters=clusters, init=init, n_init=1).fit(values)
-        centres = kmeans.cluster_centers_[kmeans.labels_].reshape(weight.shape)
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(centres).to(weight.dtype))
-        shared[name] = len(np.unique(module.weight.detach().cpu().numpy()))
-    if not shared:
+        if isinstance(module, QUANTIZED_LAYERS):
+            centroids, labels = _share(module.weight, clusters)
+            books[name] = Codebook(module, centroids, labels)
+            books[name].apply()
+    if not books:
         raise ModelError(f"{type(model).__name__} has no convolution or linear layer to quantise")
-    return shared
+    return books
+
+
+def quantize_weights(model: nn.Module, bits: int) -> dict[str, int]:
+    """`share_weights` without fine-tuning; returns each quantised layer's number of distinct values."""
+    return {name: len(torch.unique(book.module.weight.detach())) for name, book in share_weights(model, bits).items()}
+
+
+def centroid_gradients(labels: Tensor, weight_grad: Tensor, clusters: int) -> Tensor:
+    """Han et al.'s eq. 3: each centroid's gradient is the sum of the gradients of the weights sharing it."""
+    out = torch.zeros(clusters, dtype=torch.float64, device=weight_grad.device)
+    return out.index_add_(0, labels.reshape(-1).to(weight_grad.device), weight_grad.reshape(-1).double()).cpu()
+
+
+def finetune_centroids(model: nn.Module, books: dict[str, Codebook], batches: Iterable[tuple[Tensor, Tensor]], *,
+                       lr: float, epochs: int = 1, momentum: float = 0.0) -> int:
+    """Fine-tune the shared centroids on (x, y) batches (cross-entropy, SGD), in place; returns the steps taken.
+
+    Only the centroids learn: the weights' gradients are summed per centroid, the centroids step,
+    and every weight is rewritten from its centroid, so a layer never holds more values than its
+    codebook. Biases and normalisation parameters stay as they are (batch-norm statistics move in
+    train mode; re-estimate them afterwards with `reestimate_batchnorm`). `batches` is iterated
+    `epochs` times.
+    """
+    centroids = {name: nn.Parameter(book.centroids.clone()) for name, book in books.items()}
+    optimizer = torch.optim.SGD(list(centroids.values()), lr=lr, momentum=momentum)
+    flags = [p.requires_grad for p in model.parameters()]
+    mode = model.training
+    model.requires_grad_(False)
+    for book in books.values():
+        book.module.weight.requires_grad_(True)
+    steps = 0
+    try:
+        model.train()
+        for _ in range(epochs):
+            for x, y in batches:
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                for name, book in books.items():
+                    grad = book.module.weight.grad
+                    centroids[name].grad = (torch.zeros_like(centroids[name]) if grad is None else
+                                            centroid_gradients(book.labels, grad, len(book.centroids)))
+                optimizer.step()
+                for name, book in books.items():
+                    book.centroids = centroids[name].detach().clone()
+                    book.apply()
+                steps += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for param, flag in zip(model.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
+        model.train(mode)
+    return steps
+
+
+def reestimate_batchnorm(model: nn.Module, images: Iterable[Tensor]) -> int:
+    """Batch-norm running statistics recomputed from `images` (a cumulative average over all of them).
+
+    Only the batch-norm layers run in train mode (dropout and the rest stay in eval mode); returns
+    the number of batch-norm layers (0: nothing to re-estimate, `images` is not read).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    mode = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average: every batch counts the same
+        norm.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in images:
+                model(x)
+                seen += len(x)
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(mode)
+    if not seen:
+        raise TrainingError("batch-norm statistics cannot be re-estimated: no clean image to run them on")
+    return len(norms)
+
+
+def quantize_uniform(model: nn.Module, bits: int = 8) -> dict[str, int]:
+    """Every conv/linear weight rounded to a uniform grid of 2**bits levels between its smallest and largest
+    value, in place ("8 bits without any quantization training"); returns each layer's number of values."""
+    levels = 2 ** int(bits) - 1
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, QUANTIZED_LAYERS):
+                continue
+            weight = module.weight
+            low, high = weight.min(), weight.max()
+            if high > low:
+                step = (high - low) / levels
+                weight.copy_(low + torch.round((weight - low) / step) * step)
+            counts[name] = len(torch.unique(weight))
+    return counts
 
 
 # ------------------------------------------------------------------------------------------- the method
@@ -295,6 +432,8 @@ class CalibraterMethod(Method):
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.params.lr)
         self._frozen: list[bool] = []
         self._step = False
+        self._epochs: int | None = None
+        self.compression: dict[str, int] = {}
         log.info("calibrater: G has %d parameters (width %d, %d blocks), %.3f of f's %d (%s, target %.3f); "
                  "trains on %s", count_parameters(self.generator), width, self.params.blocks, self.ratio,
                  self.main_parameters, self.meta.arch, self.params.size_ratio, ", ".join(self.params.variants))
@@ -311,9 +450,11 @@ class CalibraterMethod(Method):
             return base
         shifted = [name for name in self.params.variants if name != CLEAN]
         ratio = len(shifted) / len(self.params.variants)
+        # a quantised f is fine-tuned and its batch norm re-estimated on the clean twins of these images
+        pair = base.pair_clean or self.params.quantize_bits is not None
         return SamplerConfig.model_validate({**base.model_dump(), "ratio": ratio,
                                              "weights": {name: 1.0 for name in shifted}, "groups": {},
-                                             "adaptive": False, "redraw": "batch"})
+                                             "adaptive": False, "redraw": "batch", "pair_clean": pair})
 
     def modules(self) -> dict[str, nn.Module]:
         return {"calibrater": self.generator}
@@ -330,14 +471,48 @@ class CalibraterMethod(Method):
         net = check_model(model, self.meta, self.checkpoint, "calibrater")
         net.load_state_dict(self.main_state)
         if self.params.quantize_bits is not None:
-            layers = quantize_weights(net, self.params.quantize_bits)
-            log.info("calibrater: f's weights quantised to %d bits in %d layers", self.params.quantize_bits,
-                     len(layers))
+            self.compress(net, device)
         self._frozen = [p.requires_grad for p in net.parameters()]
         net.requires_grad_(False)
         net.eval()
         self.generator.to(device)
         distributed.broadcast_module(self.generator)  # every rank starts from rank 0's G
+
+    def compress(self, net: nn.Module, device: torch.device) -> None:
+        """Deep Compression's quantisation of f: k-means sharing, centroid fine-tuning, batch-norm re-estimation.
+
+        The clean images are those of the training loader (its clean twins, or its clean rows); the
+        loader is then put back at the epoch it was at, so G's training sees the batches it would have.
+        """
+        bits = self.params.quantize_bits
+        assert bits is not None
+        books = share_weights(net, bits)
+        self.compression = {"bits": bits, "layers": len(books), "finetune_steps": 0, "batchnorm_layers": 0}
+        start = getattr(self.loader, "epoch", None)
+        try:
+            if self.params.finetune_epochs:
+                steps = finetune_centroids(net, books, _CleanBatches(self.loader, device), lr=self.params.finetune_lr,
+                                           epochs=self.params.finetune_epochs)
+                if not steps:
+                    raise TrainingError("calibrater: the training batches hold no clean image to fine-tune the "
+                                        "quantised main model on (pair_clean, or clean rows); set finetune_epochs: 0 "
+                                        "for plain k-means")
+                self.compression["finetune_steps"] = steps
+            images = (x for x, _ in _CleanBatches(self.loader, device))
+            self.compression["batchnorm_layers"] = reestimate_batchnorm(net, images)
+        finally:
+            if start is not None and hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(start)
+        log.info("calibrater: f's weights quantised to %d bits in %d layers (k-means), centroids fine-tuned for %d "
+                 "steps, batch-norm statistics of %d layers re-estimated", bits, len(books),
+                 self.compression["finetune_steps"], self.compression["batchnorm_layers"])
+
+    def generator_bits(self) -> int | None:
+        """G's bits at the end of training (None: float32)."""
+        bits = self.params.generator_bits
+        if bits == "auto":
+            return 8 if self.params.quantize_bits is not None else None
+        return bits
 
     def lr_at(self, epoch: int, epochs: int) -> float:
         """The paper's step schedule: the factor of the quarter of training `epoch` (0-based) lies in."""
@@ -354,6 +529,7 @@ class CalibraterMethod(Method):
         """The loss over the rows of the chosen variants; the metrics cover every row (f with G, f alone)."""
         if model.training:
             model.eval()
+        self._epochs = ctx.epochs
         self.generator.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(ctx.epoch, ctx.epochs)
@@ -383,6 +559,12 @@ class CalibraterMethod(Method):
     def on_epoch_end(self, model: nn.Module, epoch: int, record: dict[str, Any]) -> None:
         record["calibrater_ratio"] = self.ratio
         record["calibrater_lr"] = self.optimizer.param_groups[0]["lr"]
+        bits = self.generator_bits()
+        if bits is not None and self._epochs is not None and epoch + 1 >= self._epochs:
+            # training is over: G as deployed (the paper: 8 bits "without any quantization training"), before
+            # the run's checkpoint and calibrater.pt are written, so that evaluation measures it
+            quantize_uniform(self.generator, bits)
+            record["calibrater_bits"] = bits
         if "train_base_acc" in record:
             log.info("calibrater epoch %d: f alone %.2f%%, f with G %.2f%% on the training batches (lr %.1e)",
                      epoch + 1, 100 * record["train_base_acc"], 100 * record.get("train_acc", 0.0),
@@ -394,9 +576,28 @@ class CalibraterMethod(Method):
 
     def save_artifacts(self, run_dir: Path) -> None:
         """`calibrater.pt` beside the run's model: G alone, to wrap f or any other model (`calibrate`)."""
-        training = {"main_model": str(self.checkpoint), "ratio": self.ratio, "variants": list(self.params.variants)}
+        training = {"main_model": str(self.checkpoint), "ratio": self.ratio, "variants": list(self.params.variants),
+                    "main_compression": dict(self.compression), "generator_bits": self.generator_bits()}
         save_calibrater(Path(run_dir) / "calibrater.pt", self.generator, training)
 
     def calibrated(self, model: nn.Module) -> CalibratedModel:
         """`model` behind this method's calibrater (use it on f, or on another main model)."""
         return calibrate(model, self.generator)
+
+
+class _CleanBatches:
+    """(clean images, labels) of a training loader's batches, on `device`: each batch's clean twins
+    (x_clean) when the loader pairs them, else its clean rows. Iterable more than once."""
+
+    def __init__(self, loader: Iterable[Batch], device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for raw in self.loader:
+            batch = raw.to(self.device).decode()
+            if batch.x_clean is not None:
+                yield batch.x_clean, batch.y
+                continue
+            rows = batch.variant == 0
+            if rows.any():
+                yield batch.x[rows], batch.y[rows]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from advpipe.errors import ModelError
 from advpipe.models.base import SourceModel
+from advpipe.models.caffe_lenet import CaffeLeNet
 from advpipe.models.caffe_quick import CaffeQuick
 from advpipe.models.lenet import LeNet
 from advpipe.models.mobilenet import MobileNetV2Cifar
@@ -19,7 +20,8 @@ Builder = Callable[[int, tuple[int, int, int]], SourceModel]
 
 BUILDERS: dict[str, Builder] = {
     cls.arch: cls
-    for cls in (LeNet, CifarResNet18, CifarResNet34, MobileNetV2Cifar, VGG16Cifar, CaffeQuick, *WEIGHT_MAP_MODELS)
+    for cls in (LeNet, CifarResNet18, CifarResNet34, MobileNetV2Cifar, VGG16Cifar, CaffeQuick, CaffeLeNet,
+                *WEIGHT_MAP_MODELS)
 }
 #: the built-in architectures; any `torchvision:<name>` classifier is accepted too
 ARCHITECTURES: tuple[str, ...] = tuple(BUILDERS)
