@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import saved_model, write_test_store
+from conftest import digits_config, saved_model, write_test_store
 from torch.utils.data import DataLoader, TensorDataset
 
 from advpipe.batch import Batch
@@ -157,6 +157,181 @@ def test_built_from_the_config_with_the_papers_adversarial_ratio(tmp_path: Path)
     assert sampler.ratio.lo == sampler.ratio.hi == 0.25 and set(sampler.weights) == {"fgsm"}
     with pytest.raises(ModelError, match="has 10 classes but the data/model has 3"):
         build_method("detector", MethodConfig(), MethodContext(**{**context.__dict__, "num_classes": 3}))
+
+
+# ------------------------------------------------------------------------------- the sampler it draws from
+
+
+def detector_config(root: Path, model: Path, sampler: dict, **methods: dict):
+    """A run config over a test store (variants noise and tiny, 48 training images of 3x8x8) at root/store."""
+    from advpipe.config import config_from_dict
+
+    raw = digits_config(root, checkpoint=model)
+    raw["sampler"] = sampler
+    raw["train"] = {"epochs": 2, "batch_size": 8, "optimizer": "adam", "lr": 1e-3, "tensorboard": False,
+                    "runs_dir": str(root / "runs")}
+    raw["methods"] = methods
+    return config_from_dict(raw)
+
+
+def recorded_training(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every batch the detector method trains on, with the policy of the loader it came from."""
+    seen: list = []
+    original = DetectorMethod.training_step
+
+    def recording(self, model, batch, ctx):
+        seen.append((batch.variant.clone(), self.loader.policy))
+        return original(self, model, batch, ctx)
+
+    monkeypatch.setattr(DetectorMethod, "training_step", recording)
+    return seen
+
+
+def test_detector_trained_from_a_config_draws_its_sampler_section_or_the_authors_fixed_mix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21 item 2: the paper's dynamic bounded ranges by default, like `dynamic`; `ratio` gives the fixed mix."""
+    from advpipe.trainers.run import train
+
+    write_test_store(tmp_path / "store", count=48)
+    sampler = {"ratio": [0.05, 0.95], "redraw": "batch", "weights": {"noise": [1.0, 3.0], "tiny": [0.5, 1.0]}}
+    config = detector_config(tmp_path, checkpoint(tmp_path, "lenet"), sampler,
+                             detector={"levels": "low", **SMALL_HEAD},
+                             detector_fixed={"method": "detector", "ratio": 0.5, "levels": "low", **SMALL_HEAD})
+    seen = recorded_training(monkeypatch)
+    train(config, "detector", progress=False)
+    paper, seen[:] = list(seen), []
+    train(config, "detector_fixed", progress=False)
+    fixed = list(seen)
+    assert len(paper) == len(fixed) == 2 * 6  # 2 epochs of 48 images in batches of 8
+
+    def drawn(sampler_config: SamplerConfig) -> list:
+        """What a loader over the store under this policy yields in the run's two epochs."""
+        reference = make_loader(tmp_path / "store", "train", sampler_config, batch_size=8)
+        return [batch.variant for _ in range(2) for batch in reference]
+
+    # Default: exactly the batches of the config's sampler section, whose ranges the run's policy holds.
+    assert all(torch.equal(got, want) for (got, _), want in zip(paper, drawn(config.sampler), strict=True))
+    policy = paper[0][1]
+    assert (policy.ratio.lo, policy.ratio.hi) == (0.05, 0.95) and policy.redraw == "batch"
+    assert {name: (r.lo, r.hi) for name, r in zip(policy.names, policy.ranges, strict=True)} == {
+        "noise": (1.0, 3.0), "tiny": (0.5, 1.0)}
+    ratios, _ = policy.draw(0, range(6))
+    assert ((ratios >= 0.05) & (ratios <= 0.95)).all() and ratios.max() - ratios.min() > 0.3  # redrawn per batch
+    shares = [float((variant > 0).float().mean()) for variant, _ in paper]
+    assert max(shares) - min(shares) >= 0.5  # e.g. 1 of 8 and 6 of 8 adversarial
+    # `ratio: 0.5`: the authors' fixed mix, half of each batch drawn uniformly from the attacks, whatever the section.
+    uniform = SamplerConfig(ratio=0.5, weights={"noise": 1.0, "tiny": 1.0}, redraw="batch")
+    assert all(torch.equal(got, want) for (got, _), want in zip(fixed, drawn(uniform), strict=True))
+    policy = fixed[0][1]
+    assert (policy.ratio.lo, policy.ratio.hi) == (0.5, 0.5)
+    assert [(r.lo, r.hi) for r in policy.ranges] == [(1.0, 1.0), (1.0, 1.0)]
+    assert set(policy.draw(0, range(6))[0].tolist()) == {0.5}
+
+
+def test_cifar10_config_runs_the_detector_on_the_papers_sampler_and_on_the_authors_fixed_mix(tmp_path: Path) -> None:
+    from advpipe.config import load_config
+    from advpipe.trainers.registry import method_name, validate_method
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10_detector.yaml")
+    attacks = list(config.variants)
+    assert len(attacks) == 6
+    small = checkpoint(tmp_path, "lenet")  # sampler_config reads only the parameters: any P will do
+    policies = {}
+    for name, entry in config.methods.items():
+        if method_name(name, entry) == "detector":
+            params = validate_method(name, entry).model_copy(update={"checkpoint": small})
+            method = DetectorMethod(params, variant_names=["clean", *attacks])
+            policies[name] = method.sampler_config(entry.data or method.default_data, config.sampler, attacks)
+    assert set(policies) == {"detector", "detector_dynamic"}
+    paper, authors = policies["detector_dynamic"], policies["detector"]
+    assert paper == config.sampler and paper.redraw == "batch"  # the paper's row: the bounded ranges, redrawn
+    assert paper.ratio.lo < 0.5 < paper.ratio.hi
+    assert set(paper.weights) == set(attacks) and all(r.lo < r.hi for r in paper.weights.values())
+    assert (authors.ratio.lo, authors.ratio.hi) == (0.5, 0.5)  # the authors' code: fixed ratio, equal weights
+    assert {name: (r.lo, r.hi) for name, r in authors.weights.items()} == {name: (1.0, 1.0) for name in attacks}
+
+
+def test_detector_feeds_the_adaptive_sampler_its_per_variant_error_like_dynamic(tmp_path: Path) -> None:
+    from advpipe.trainers.run import train
+
+    write_test_store(tmp_path / "store", count=48)
+    sampler = {"ratio": [0.4, 0.6], "redraw": "batch", "adaptive": True,
+               "weights": {"noise": [0.5, 2.0], "tiny": [0.5, 2.0]}}
+    config = detector_config(tmp_path, checkpoint(tmp_path, "lenet"), sampler, detector={"levels": "low", **SMALL_HEAD})
+    history = train(config, "detector", progress=False).history
+    for record in history:
+        assert set(record["adaptive_errors"]) == {"noise", "tiny"}
+        assert all(0.0 <= error <= 1.0 for error in record["adaptive_errors"].values())
+
+
+# ------------------------------------------------------------------------------------------ the detector
+
+
+def digits_variants(model, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every digits image (16x16) of a split: clean, FGSM at eps 0.1 against `model`, Gaussian noise sigma 0.1."""
+    from advpipe.config import SourceConfig
+    from advpipe.datasets import load_source
+
+    source = load_source(SourceConfig(kind="digits", image_size=16), split)
+    x = torch.from_numpy(source.read(range(len(source))).copy()).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(source.labels.copy()).long()
+    x_grad = x.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(model(x_grad), y).backward()
+    fgsm = (x + 0.1 * x_grad.grad.sign()).clamp(0, 1)
+    noise = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    return x, y, fgsm, noise
+
+
+def test_detector_head_on_a_trained_lenet_tells_clean_from_adversarial_inputs(digits_model: Path) -> None:
+    """Issue 21 item 7: on a trained LeNet's maps (no BatchNorm) the head learnt nothing in the digits run's
+    number of steps and flagged almost every input one way (clean 6%, adversarial 98%)."""
+    from advpipe.models import load_checkpoint
+
+    reference, _ = load_checkpoint(digits_model)
+    x, y, fgsm, noise = digits_variants(reference.eval(), "train")
+    # Half of the images clean, a quarter FGSM, a quarter noise: the authors' fixed mix at ratio 0.5.
+    variant = torch.arange(len(x)) % 4
+    images = torch.where((variant == 1)[:, None, None, None], fgsm, torch.where(
+        (variant == 3)[:, None, None, None], noise, x))
+    variant = torch.where(variant % 2 == 1, (variant + 1) // 2, torch.zeros_like(variant))  # 0 clean, 1 fgsm, 2 noise
+    loader = DataLoader(TensorDataset(images, y, torch.arange(len(x)), variant), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0), collate_fn=as_batch)
+    torch.manual_seed(0)
+    method = DetectorMethod({"levels": "low", "max_grid": 4}, checkpoint=digits_model,
+                            variant_names=["clean", "fgsm", "gaussian"])
+    fit(build_model("lenet", 10, (1, 16, 16)), method, loader,
+        optim=OptimConfig(epochs=6, optimizer="adam", lr=0.002, weight_decay=0.0, schedule="cosine"), progress=False)
+
+    x, _, fgsm, noise = digits_variants(reference, "test")
+    head = method.head.eval()
+    with torch.no_grad():
+        flagged = {name: head(reference.features(images))[0].argmax(dim=1).float().mean().item()
+                   for name, images in {"clean": x, "fgsm": fgsm, "noise": noise}.items()}
+    clean_accuracy, adversarial_accuracy = 1 - flagged["clean"], (flagged["fgsm"] + flagged["noise"]) / 2
+    assert clean_accuracy >= 0.8 and adversarial_accuracy >= 0.8, flagged
+    # H's learning rate followed T's cosine schedule down (last step: 1e-3 * (1 + cos(pi * 137/138)) / 2).
+    assert method.head_optimizer.param_groups[0]["lr"] < 1e-6
+
+
+def test_detector_loss_weighs_clean_and_adversarial_images_equally_in_a_lopsided_batch(tmp_path: Path) -> None:
+    """With the sampler's share redrawn per batch, plain cross-entropy would teach H each batch's prior."""
+    path = checkpoint(tmp_path, "caffe_quick")
+    reference = build_model("caffe_quick", 10, (3, 8, 8)).eval()
+    with torch.no_grad():
+        maps = reference.features(torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    flags = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])  # one clean image, seven attacks
+    for balanced in (True, False):
+        torch.manual_seed(0)
+        method = DetectorMethod({"levels": "low", "balanced": balanced, **SMALL_HEAD}, checkpoint=path,
+                                variant_names=["clean", "fgsm"])
+        method.head.train()
+        with torch.no_grad():
+            losses = torch.nn.functional.cross_entropy(method.head(maps)[0], flags, reduction="none")
+        loss, _ = method._train_head(maps, flags)
+        expected = (losses[0] + losses[1:].mean()) / 2 if balanced else losses.mean()
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert DetectorMethod({"levels": "low", **SMALL_HEAD}, checkpoint=path,
+                          variant_names=["clean", "fgsm"]).params.balanced  # the default
 
 
 TWO_RANKS = textwrap.dedent("""

@@ -4,8 +4,9 @@ Three networks: `P`, the clean source model loaded from its checkpoint and froze
 the loop trains (same architecture); `H`, a shallow transformer that reads multi-level feature maps
 and tells clean images from adversarial ones. Every batch takes two steps:
 
-1. `H` learns, on `P`'s feature maps, to predict the sampler's is-adversarial flag (cross-entropy),
-   with its own Adam optimiser, stepped inside `training_step`;
+1. `H` learns, on `P`'s feature maps, to predict the sampler's is-adversarial flag (cross-entropy,
+   the batch's clean and adversarial images weighing half each unless `balanced: false`), with its
+   own Adam optimiser, stepped inside `training_step`;
 2. with `H` frozen, the loop's optimiser updates `T` on
    `alpha * CE(T(x), y) + beta * SmoothL1(H_feat(T's maps), H_feat(P's maps))`,
    so `T` learns to classify while its features stay, in `H`'s eyes, like a clean model's.
@@ -15,7 +16,21 @@ and tells clean images from adversarial ones. Every batch takes two steps:
     fit(fresh_model, method, loader, optim=optim)      # fresh_model: same arch as the checkpoint
 
 (`advpipe train CONFIG --method detector` builds it from the config through `DetectorMethod.build`.)
-By default a batch is half clean, half stored attacks (`ratio`, the paper's "Adv. Data Ratio").
+
+What a batch holds: by default the config's `sampler` section, as for the `dynamic` baseline: the
+paper's dynamic probability with bounded ranges (seed 001, section 3.2; METHODS.md section 2), with
+each epoch's per-variant training error fed back when the section says `adaptive: true`. A `ratio`
+parameter instead gives what the authors' code ran: that fixed share of stored attacks in every
+batch, uniform over the attacks (the paper's "Adv. Data Ratio", 0.25/0.5/0.75).
+
+`H` first standardises each level of `P`'s maps per channel (a BatchNorm without affine
+parameters; running statistics at evaluation and when `H` reads `T`'s maps). The paper's ResNet34
+hands `H` maps that leave BatchNorm'd blocks; a network without BatchNorm (LeNet) hands it raw
+ReLU activations, on which `H` stayed at chance for the whole digits run (train accuracy 48-53%
+every epoch, loss ln 2) and so flagged almost every input one way (docs/REPRODUCING.md). `H`'s
+Adam learning rate (`detector_lr`) follows the loop's schedule, as the authors stepped both
+optimisers with one schedule: with a constant one it is constant, with a cosine one it decays with
+`T`'s, so that `H`'s clean/adversarial decision settles instead of swinging with the last batches.
 
 `H`'s embedding brings every chosen level to the grid of the shallow ("low") map, divided into
 patches so that at most `max_grid` tokens lie along a side: strided convolutions shrink larger
@@ -66,8 +81,13 @@ class DetectorParams(BaseModel):
     alpha: float = Field(default=1.0, ge=0.0, description="weight of T's cross-entropy")
     beta: float = Field(default=1.0, ge=0.0, description="weight of the SmoothL1 feature-matching term")
     detector_lr: float = Field(default=1e-3, gt=0.0, description="Adam learning rate of the detector head")
-    ratio: float = Field(default=0.5, ge=0.0, le=1.0,
-                         description="share of stored attacks per batch with data 'both' (paper: 0.25/0.5/0.75)")
+    balanced: bool = Field(default=True, description="weigh clean and adversarial images equally in each batch's "
+                           "detector loss, whatever the batch's share (false: plain cross-entropy, as the authors)")
+    ratio: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="a fixed share of stored attacks per batch, uniform over them (the authors' code; the paper's "
+                    "'Adv. Data Ratio' 0.25/0.5/0.75); unset: the config's sampler section (the paper's dynamic "
+                    "ranges), or half with data 'both'")
     checkpoint: Path | None = Field(default=None, description="clean checkpoint of P (default: model.checkpoint)")
 
     @model_validator(mode="after")
@@ -133,11 +153,28 @@ def _embedding(channels: int, size: tuple[int, int], grid: tuple[int, int], dim:
     return nn.ConvTranspose2d(channels, dim, kernel, stride=kernel)
 
 
+class MapNorm(nn.BatchNorm2d):
+    """Per-channel standardisation of one level of feature maps: a BatchNorm2d without affine parameters.
+
+    Batch statistics while `H` trains, running statistics otherwise. A training batch with one value
+    per channel (one image of a 1x1 map) is normalised with the running statistics and left out of them.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, affine=False)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        if self.training and maps.shape[0] * maps.shape[2] * maps.shape[3] < 2:
+            return F.batch_norm(maps, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(maps)
+
+
 class DetectorHead(nn.Module):
     """Multi-level feature maps -> (2-way clean/adversarial logits, class-token feature).
 
     Reads `maps[levels[i]]` of a `features()` list; `levels[0]` is the centre whose size sets the
-    token grid (one token per `patch` x `patch` block of it).
+    token grid (one token per `patch` x `patch` block of it). Each level is standardised per channel
+    (`MapNorm`) before its embedding.
     """
 
     def __init__(self, shapes: Sequence[tuple[int, int, int]], levels: Sequence[int], *, dim: int = 64,
@@ -149,6 +186,7 @@ class DetectorHead(nn.Module):
         _, height, width = self.shapes[self.levels[0]]
         self.patch = max(1, math.ceil(max(height, width) / max_grid))
         grid = self.grid((height, width))
+        self.norms = nn.ModuleList(MapNorm(self.shapes[level][0]) for level in self.levels)
         self.embed = nn.ModuleList(
             _embedding(self.shapes[level][0], self.shapes[level][1:], grid, dim) for level in self.levels)
         self.positions = nn.Parameter(torch.zeros(len(self.levels), dim, *grid))
@@ -191,8 +229,8 @@ class DetectorHead(nn.Module):
         if tuple(positions.shape[-2:]) != grid:  # another input size than the one the head was sized for
             positions = F.interpolate(positions, size=grid, mode="bicubic", align_corners=False)
         parts = []
-        for index, (level, embed) in enumerate(zip(self.levels, self.embed, strict=True)):
-            embedded = _resize(embed(maps[level]), grid) + positions[index]
+        for index, (level, norm, embed) in enumerate(zip(self.levels, self.norms, self.embed, strict=True)):
+            embedded = _resize(embed(norm(maps[level])), grid) + positions[index]
             parts.append(embedded.flatten(2).transpose(1, 2))
         batch = parts[0].shape[0]
         cls = (self.cls_token + self.cls_position).expand(batch, -1, -1).to(parts[0].dtype)
@@ -209,7 +247,7 @@ class DetectorMethod(Method):
 
     name = "detector"
     params_model: ClassVar[type[BaseModel]] = DetectorParams
-    default_data: ClassVar[DataRegime] = "both"
+    default_data: ClassVar[DataRegime] = "sampler"  # the config's sampler section, as for `dynamic`
 
     def __init__(self, params: DetectorParams | dict[str, Any] | None = None, *,
                  checkpoint: str | Path | None = None, variant_names: Sequence[str] | None = None,
@@ -252,10 +290,15 @@ class DetectorMethod(Method):
                    num_classes=context.num_classes, input_shape=context.input_shape)
 
     def sampler_config(self, data: DataRegime, base: SamplerConfig, attacks: list[str]) -> SamplerConfig:
-        config = regime_sampler(data, base, attacks)
-        if data == "both":
-            config = SamplerConfig.model_validate({**config.model_dump(), "ratio": self.params.ratio})
-        return config
+        """The config's sampler section (data 'sampler', the default); with `ratio`, or data 'both', a fixed
+        share of stored attacks, uniform over them (the authors' code); 'clean'/'adversarial' as for any method."""
+        ratio = self.params.ratio
+        if data == "sampler" and ratio is None:
+            return base
+        if data in ("sampler", "both"):
+            config = regime_sampler("both", base, attacks)
+            return SamplerConfig.model_validate({**config.model_dump(), "ratio": 0.5 if ratio is None else ratio})
+        return regime_sampler(data, base, attacks)
 
     def modules(self) -> dict[str, nn.Module]:
         """The method's own networks, for checkpoints: P (frozen) and the detector head H."""
@@ -275,6 +318,7 @@ class DetectorMethod(Method):
         flags = batch.is_adv.long()
         with torch.no_grad():
             reference_maps = self.reference.features(batch.x)
+        self._follow_schedule(ctx.optimizer)
         detector_loss, detector_acc = self._train_head(reference_maps, flags)
         # Stage 2: H frozen; T learns the labels and to look, to H, like P.
         self.head.eval()
@@ -291,20 +335,39 @@ class DetectorMethod(Method):
                       "match": match.item(), "det_loss": detector_loss, "det_acc": detector_acc,
                       "adv_fraction": flags.float().mean().item()}
 
+    def _follow_schedule(self, optimizer: torch.optim.Optimizer) -> None:
+        """H's learning rate: detector_lr times the share of its initial rate the loop's optimiser is at now."""
+        group = optimizer.param_groups[0]
+        initial = group.get("initial_lr")  # set by the loop's scheduler; absent: no schedule, a constant rate
+        scale = group["lr"] / initial if initial else 1.0
+        for head_group in self.head_optimizer.param_groups:
+            head_group["lr"] = self.params.detector_lr * scale
+
     def _train_head(self, maps: list[Tensor], flags: Tensor) -> tuple[float, float]:
         """Stage 1: one step of H on P's maps towards the is-adversarial flags; (loss, accuracy before it)."""
         self.head.train()
         self.head.requires_grad_(True)
         logits, _ = self.head(maps)
-        loss = F.cross_entropy(logits.float(), flags)
+        weight = None
+        if self.params.balanced:  # each class present weighs half of the loss; a batch of one class is plain CE
+            counts = torch.bincount(flags, minlength=2).float()
+            weight = counts.sum() / (2 * counts) if bool((counts > 0).all()) else None
+        loss = F.cross_entropy(logits.float(), flags, weight=weight)
         self.head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients([self.head])  # the loop averages T's gradients, not this inner step's
         self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)
+        distributed.broadcast_buffers(self.head)  # rank 0's input statistics on every rank, as DDP keeps BatchNorm's
         return loss.item(), (logits.argmax(dim=1) == flags).float().mean().item()
 
     def on_epoch_end(self, model: nn.Module, epoch: int, record: dict[str, Any]) -> None:
+        policy = getattr(self.loader, "policy", None)
+        if policy is not None and policy.adaptive:  # as `dynamic`: the epoch's per-variant error moves the weights
+            errors = {name: 1.0 - record[f"train_acc/{name}"] for name in policy.names
+                      if f"train_acc/{name}" in record}
+            self.loader.update(errors)
+            record["adaptive_errors"] = errors
         if "train_det_acc" in record:
             log.info("detector epoch %d: detector accuracy %.2f%% (loss %.4f), feature match %.4f", epoch + 1,
                      100 * record["train_det_acc"], record["train_det_loss"], record["train_match"])
