@@ -307,3 +307,29 @@ def test_bad_input_is_refused_before_training(digits_store: tuple[Path, dict], t
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(TrainingError, match="not a run directory"):
         train(first, "clean", out=tmp_path / "mine", progress=False)
+
+
+def test_a_methods_own_networks_start_from_the_runs_seed(digits_store: tuple[Path, dict], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detector's head is built by the method: two runs of one seed give it the same start, another seed not."""
+    import advpipe.trainers.run as run
+
+    heads = []
+
+    def recorded(*args, **kwargs):
+        method = build_method(*args, **kwargs)
+        heads.append(torch.cat([p.detach().flatten() for p in method.head.parameters()]))
+        raise StopTraining
+
+    class StopTraining(Exception):
+        pass
+
+    from advpipe.trainers.registry import build_method
+
+    monkeypatch.setattr(run, "build_method", recorded)
+    root, raw = digits_store
+    for seed, out in ((0, "a"), (0, "b"), (1, "c")):
+        config = config_from_dict({**raw, "seed": seed, "methods": {"detector": {"ratio": 0.5}}})
+        with pytest.raises(StopTraining):
+            train(config, "detector", out=tmp_path / out, progress=False)
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])

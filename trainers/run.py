@@ -79,8 +79,9 @@ def train(config: Config, name: str, *, out: str | Path | None = None, resume: b
     if status == "up-to-date":
         log.info("%s: %s already trained with these settings; nothing to do", run_dir, name)
         return RunResult(run_dir, status, read_metrics(run_dir), run_dir / MODEL_FILE)
+    torch.manual_seed(config.seed)  # a method's own networks (the detector's head) start from the run's seed too
     method = build_method(name, entry, context)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # and the model from the same state whatever the method drew
     arch = entry.arch or config.model.arch
     model = build_model(arch, context.num_classes, context.input_shape)
     attacks = store.manifest.variants_of_kind("attack")
