@@ -41,6 +41,10 @@ class StoreError(AdvpipeError):
     """A store is incomplete, corrupt, or does not match what was asked of it."""
 
 
+class LockLostError(StoreError):
+    """A writer's lock on an object-storage store was taken over by another writer (a newer fencing token)."""
+
+
 class IntegrityError(StoreError):
     """A shard's bytes do not match its manifest (checksum, size, counts, shapes)."""
 

@@ -9,11 +9,17 @@ and assembles the manifest from the workers' progress records at the end:
    Anything else -> refused unless --force.
 3. Mark the directory as in progress (`.generation.json`), take any old manifest
    offline, skip shards whose progress record and checksum prove them finished.
-4. Run the remaining shards (Dask, or inline), then write the manifest last.
+4. Run the remaining shards (Dask, or inline), then write the manifest last, assembled only
+   from progress records this run accepts (`StoreWriter.accepted_progress`); a shard whose
+   record it refuses is computed once more.
 
 The client holds the store's writer lock (advpipe.stores.lock) from before it reads the
 directory until the manifest is published: a second writer is refused at once. An existing
 Dask scheduler is reached before that, so an unreachable one leaves the store untouched.
+In object storage the lock can be taken over from a client paused past its time-to-live, so
+the client's fencing token travels with the job (`JobSpec.fence`): the client and every worker
+stop with LockLostError once the lock names another holder, and the manifest takes only
+records bearing this run's token.
 
 Killing the client, a worker or the whole machine at any point leaves either a
 finished store or a directory the next run resumes from. Every write into the store
@@ -99,18 +105,31 @@ def generate(config: Config, *, cluster: str | None = None, scheduler: str | Non
         job = JobSpec(config=config.model_dump(mode="json"), variants=plans, fingerprint=fingerprint,
                       base_fingerprint=base, model_fingerprint=model_meta.fingerprint if model_meta else None,
                       device=device, extra={"previous": previous} if previous else {},
-                      sources={split: s for split, s in sources.items() if isinstance(s, LazySource)})
+                      sources={split: s for split, s in sources.items() if isinstance(s, LazySource)},
+                      fence=writer.fence)
         tasks = _plan_tasks(config, sources, plans, previous)
         pending = [t for t in tasks if not writer.is_done(t.split, t.index, t.name, fingerprint)]
         log.info("%d shard(s) to compute, %d already finished", len(pending), len(tasks) - len(pending))
-        _run(pending, job, config, cluster, progress, client)
+        _run(pending, job, config, cluster, progress, client, writer)
 
-        manifest = _assemble(writer, config, job, tasks, sources, model_meta, plans)
+        accepted = _accepted(writer, tasks, fingerprint)
+        again = [t for t in tasks if (t.split, t.index) not in accepted]
+        if again:  # records a stale writer wrote over this run's, or objects changed since: computed once more
+            log.warning("%s: %d shard(s) computed again before the manifest is written", writer.shown, len(again))
+            _run(again, job, config, cluster, progress, client, writer, attempt=1)
+            accepted.update(_accepted(writer, again, fingerprint))
+            refused = [t.name for t in again if (t.split, t.index) not in accepted]
+            if refused:
+                raise GenerationError(f"{writer.shown}: shard(s) {', '.join(refused[:3])} were replaced again after "
+                                      "they were computed a second time; make sure no other writer uses this store, "
+                                      "then re-run to resume")
+        manifest = _assemble(writer, config, job, tasks, accepted, sources, model_meta, plans)
         _warn_lost(manifest)
         writer.publish(manifest)
     status = "extended" if previous else "created"
-    log.info("%s: store %s (%d shards computed)", writer.shown, status, len(pending))
-    return Outcome(status, manifest, len(pending), len(tasks) - len(pending))
+    computed = {(t.split, t.index) for t in pending + again}
+    log.info("%s: store %s (%d shards computed)", writer.shown, status, len(computed))
+    return Outcome(status, manifest, len(computed), len(tasks) - len(computed))
 
 
 def _uses_workers(config: Config, cluster: str | None) -> bool:
@@ -266,8 +285,10 @@ def _plan_tasks(config: Config, sources: dict, plans: list[VariantPlan], previou
 
 
 def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | None, progress: bool,
-         client: Any = None) -> None:
-    """Run the shard tasks: on `client` (an existing scheduler), inline, or on workers started here."""
+         client: Any = None, writer: StoreWriter | None = None, attempt: int = 0) -> None:
+    """Run the shard tasks: on `client` (an existing scheduler), inline, or on workers started here. `writer`: the
+    client's, asked after each finished task whether its lock was taken over meanwhile (then LockLostError);
+    `attempt` > 0 when shards are computed again (new task keys)."""
     if not tasks:
         return
     if client is None and (cluster or config.generation.cluster) == "inline":
@@ -278,19 +299,21 @@ def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | No
                 fault_point("between-shards")
         return
     if client is not None:
-        _run_on(client, tasks, job, config, progress)
+        _run_on(client, tasks, job, config, progress, writer, attempt)
         return
     from advpipe.pipeline.cluster import dask_client
 
     with dask_client(config.generation, cluster, device=job.device) as started:
-        _run_on(started, tasks, job, config, progress)
+        _run_on(started, tasks, job, config, progress, writer, attempt)
 
 
-def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, progress: bool) -> None:
+def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, progress: bool,
+            writer: StoreWriter | None = None, attempt: int = 0) -> None:
     """Submit the tasks to a connected client; the bar starts only once workers are there."""
     from distributed import as_completed
 
-    keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}" for t in tasks]
+    again = f"-again{attempt}" if attempt else ""
+    keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}{again}" for t in tasks]
     # sent once to each worker, not with every task: a lazy source's index grows with the split
     shared = client.scatter(job, broadcast=True, hash=False) if job.sources else job
     futures = client.map(run_shard, tasks, job=shared, key=keys, retries=config.generation.retries, pure=False)
@@ -299,6 +322,8 @@ def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, p
         for future in as_completed(futures):
             future.result()
             bar.update()
+            if writer is not None:
+                writer.check_fence(quick=True)  # the heartbeat saw the lock taken over: stop now
     except AdvpipeError:
         raise
     except Exception as exc:
@@ -309,9 +334,22 @@ def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, p
             client.cancel(futures)
 
 
-def _assemble(writer: StoreWriter, config: Config, job: JobSpec, tasks: list[ShardTask], sources: dict,
-              model_meta: Any, plans: list[VariantPlan]) -> Manifest:
-    """Build the manifest from the workers' progress records (the client never reads images back).
+def _accepted(writer: StoreWriter, tasks: list[ShardTask], fingerprint: str) -> dict[tuple[str, int], dict]:
+    """(split, index) -> progress record, for every task whose record the writer accepts for the manifest (this
+    run's configuration and fencing token, its object unchanged); the others are logged and left out."""
+    found = {}
+    for task in tasks:
+        progress = writer.accepted_progress(task.split, task.index, task.name, fingerprint)
+        if progress is not None:
+            found[(task.split, task.index)] = progress
+    return found
+
+
+def _assemble(writer: StoreWriter, config: Config, job: JobSpec, tasks: list[ShardTask],
+              accepted: dict[tuple[str, int], dict], sources: dict, model_meta: Any,
+              plans: list[VariantPlan]) -> Manifest:
+    """Build the manifest from the workers' progress records as `_accepted` took them (the client never reads
+    images back).
 
     Variants reused from the store being extended keep that store's statistics.
     """
@@ -320,7 +358,7 @@ def _assemble(writer: StoreWriter, config: Config, job: JobSpec, tasks: list[Sha
     for split, source in sources.items():
         records, tallies = [], {p.name: [] for p in plans if p.name not in previous.get(split, {})}
         for task in (t for t in tasks if t.split == split):
-            progress = writer.read_progress(task.split, task.index)
+            progress = accepted[(task.split, task.index)]
             records.append(ShardRecord.model_validate(progress["record"]))
             for name in tallies:
                 tallies[name].append(Tally.from_dict(progress["tallies"][name]))

@@ -19,6 +19,7 @@ from advpipe.io import sha256_json
 from advpipe.pipeline.generators import generator_class, generator_name, validate_variant, variant_backend
 from advpipe.provenance import library_versions
 from advpipe.stores.backends import shard_name
+from advpipe.stores.lock import Fence
 from advpipe.stores.shard import Layout
 
 SPLIT_CODES = {"train": 1, "test": 2}
@@ -72,6 +73,9 @@ class JobSpec:
     #: lazy sources by split (their index: where each image's bytes are and their sha256), so that a worker
     #: reads its shard's images without listing or indexing the source again; small formats load themselves
     sources: dict[str, Any] = field(default_factory=dict)
+    #: the client's lock fencing token for a store in object storage (None for a local store): workers check the
+    #: lock object against it before they write, and stamp it into their progress records
+    fence: Fence | None = None
 
 
 def variant_plans(config: Config) -> list[VariantPlan]:

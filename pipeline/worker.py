@@ -6,6 +6,10 @@ shard task that lands on it. Tasks carry only a small spec; the worker reads the
 source images itself and writes its shard straight into the store (a directory, or
 object storage with credentials from the worker's own environment), so images never
 travel through the scheduler and no shared file system is needed.
+
+A worker writing to object storage is fenced with the client's lock token (`JobSpec.fence`): it
+checks the lock object before it computes a shard and before each object it writes, and a worker
+that finds the lock taken over stops with LockLostError instead of writing (stores/lock.py).
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
     """Generate, encode, write and record one shard; returns its progress record."""
     ctx = context(job)
     config = ctx.config
+    writer = StoreWriter(config.store.path, config.store.backend, config.store.compression,
+                         store_layout(job.variants, config.store.precision),
+                         storage_options=urls.config_storage_options(config.store.path, config.store),
+                         fence=job.fence)
+    writer.check_fence()  # a writer taken over computes nothing more
     source = job.sources.get(task.split) or load_source(config.source, task.split)
     clean = np.ascontiguousarray(source.read(np.arange(task.start, task.stop)).transpose(0, 3, 1, 2))
     labels = np.array(source.labels[task.start : task.stop])  # writable copy for torch
@@ -105,12 +114,11 @@ def run_shard(task: ShardTask, job: JobSpec) -> dict:
     shard = ShardData(split=task.split, start=task.start, ids=np.arange(task.start, task.stop), labels=labels,
                       clean=clean, stored=stored, failed=failed)
     fault_point("mid-shard")
-    writer = StoreWriter(config.store.path, config.store.backend, config.store.compression,
-                         store_layout(job.variants, config.store.precision),
-                         storage_options=urls.config_storage_options(config.store.path, config.store))
     record = writer.write_shard(task.name, shard)
     progress = {"fingerprint": job.fingerprint, "record": record.model_dump(),
                 "tallies": {name: tally.to_dict() for name, tally in tallies.items()}}
+    if task.name in writer.uploaded:  # the object as stored: a resume checks it with one HEAD
+        progress["object"] = writer.uploaded[task.name]
     writer.record_progress(task.split, task.index, progress)
     return progress
 

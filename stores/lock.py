@@ -14,12 +14,22 @@ Dask workers write shards but take no lock: the client holds it for them.
 An object-storage store (s3://, gs://, az://) is written from machines that share no kernel,
 so its lock is the object `.writer.lock` under the store prefix, created exclusively (a
 conditional put: a second create fails) and holding the holder's description. The holder
-rewrites it every `HEARTBEAT_SECONDS` from a daemon thread and deletes it when done. A lock
+rewrites it every `heartbeat_seconds()` from a daemon thread and deletes it when done. A lock
 nobody can release (its holder was killed) is stale, and the next writer takes it over with a
 warning: when its holder ran on this host and that process is gone, or when its heartbeat is
 older than `ADVPIPE_LOCK_TTL` seconds (default 300, far above any heartbeat gap or clock skew).
 
-`store_lock(location)` is the whole interface.
+A holder paused longer than that (a long GC pause, a suspended laptop, a network partition) is
+taken over while still alive, so every remote holder gets a fencing token (`Fence`): a number,
+`fence` in the lock object, that grows by one with every takeover (a lock created afresh starts
+at 1), together with the holder's random `token`, which tells two holders of one number apart.
+The writer puts it into every object it writes and checks, before each write, that the lock
+object still names its token (`check_fence`): a writer that finds another token there stops with
+`LockLostError`, and the new holder assembles its manifest only from records bearing its own
+token (stores/writer.py, docs/FORMAT.md section 9). A local lock is kernel-held and cannot be
+taken over, so local stores need no fence.
+
+`store_lock(location)` is the whole interface; `Fence` and `check_fence` serve the remote writer.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +52,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from advpipe import urls
-from advpipe.errors import StoreError
+from advpipe.errors import LockLostError, StoreError
 from advpipe.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -54,6 +65,46 @@ LOCK_FILES = frozenset({LOCK_NAME, HOLDER_NAME})
 HEARTBEAT_SECONDS = 30.0
 #: a remote lock whose heartbeat is older than this (seconds) is stale; ADVPIPE_LOCK_TTL overrides it
 LOCK_TTL_SECONDS = 300.0
+#: holder token -> set by that holder's heartbeat once the lock object no longer names it (this process only)
+_LOST: dict[str, threading.Event] = {}
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The fencing token of a remote lock's holder: `number` grows with every takeover; `holder` is the holder's
+    random token, unique to one holder. Sent to workers with the job; written into every object as `token()`."""
+
+    number: int
+    holder: str
+
+    def token(self) -> dict:
+        return {"number": self.number, "holder": self.holder}
+
+    def owns(self, value: Any) -> bool:
+        """Whether a `token()` found in an object is this holder's."""
+        return isinstance(value, dict) and value.get("holder") == self.holder and value.get("number") == self.number
+
+    def noticed_lost(self) -> bool:
+        """Whether this process's heartbeat has already seen the lock object name another holder (no request)."""
+        event = _LOST.get(self.holder)
+        return event is not None and event.is_set()
+
+    def __str__(self) -> str:
+        return f"fence {self.number}"
+
+
+def describe_fence(value: Any) -> str:
+    """A `Fence.token()` found in an object, in words: 'fence 3, holder 1a2b3c4d' (or what is wrong with it)."""
+    if not isinstance(value, dict):
+        return "no fencing token" if value is None else "an unreadable fencing token"
+    return f"fence {value.get('number')}, holder {str(value.get('holder'))[:8]}"
+
+
+def holder_fence(holder: dict) -> Fence | None:
+    """The fence of a holder record that `store_lock` yielded (None for a local lock, which needs none)."""
+    if isinstance(holder.get("fence"), int) and isinstance(holder.get("token"), str):
+        return Fence(holder["fence"], holder["token"])
+    return None
 
 
 def store_lock(location: str | os.PathLike,
@@ -121,6 +172,12 @@ def _local_lock(directory: Path) -> Iterator[dict]:
 # object storage ---------------------------------------------------------------------------------
 
 
+def heartbeat_seconds() -> float:
+    """How often a remote lock's holder rewrites it: every HEARTBEAT_SECONDS, or four times per TTL when a short
+    ADVPIPE_LOCK_TTL asks for it (a live holder must never look stale)."""
+    return min(HEARTBEAT_SECONDS, lock_ttl() / 4)
+
+
 def lock_ttl() -> float:
     """Seconds after its last heartbeat that a remote lock is stale (ADVPIPE_LOCK_TTL, default 300)."""
     text = os.environ.get("ADVPIPE_LOCK_TTL")
@@ -148,19 +205,21 @@ def _remote_lock(location: str, storage_options: dict[str, Any] | None) -> Itera
     fs, root = writer_filesystem(location, storage_options)
     key = f"{root}/{LOCK_NAME}"
     shown = urls.redact(location)
-    holder = {**holder_record(), "token": uuid.uuid4().hex}
+    holder = {**holder_record(), "token": uuid.uuid4().hex, "fence": 1}
     _take(fs, key, holder, shown)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(fs, key, holder, stop, shown), daemon=True,
+    _LOST[holder["token"]] = lost = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(fs, key, holder, stop, lost, shown), daemon=True,
                             name="advpipe-lock-heartbeat")
     beat.start()
-    log.debug("%s: writer lock taken (%s)", shown, describe_holder(holder))
+    log.debug("%s: writer lock taken (%s, fence %d)", shown, describe_holder(holder), holder["fence"])
     try:
         yield holder
     finally:
         stop.set()
         beat.join()
-        if _token(fs, key) == holder["token"]:
+        _LOST.pop(holder["token"], None)
+        if _token(fs, key) == holder["token"]:  # a lock taken over is the new holder's to delete
             with contextlib.suppress(FileNotFoundError):
                 fs.rm_file(key)
 
@@ -182,12 +241,52 @@ def _take(fs: Any, key: str, holder: dict, shown: str) -> None:
                                  "wait for it to finish or end it, then re-run (a killed writer's lock is taken "
                                  f"over once its process is gone, or {lock_ttl():.0f} s after its last heartbeat)"
                                  ) from None
-            log.warning("%s: taking over the writer lock of %s: %s", shown, describe_holder(current), reason)
+            fence = current.get("fence") if current else None
+            holder["fence"] = (fence if _is_count(fence) else 0) + 1
+            log.warning("%s: taking over the writer lock of %s: %s (fence %d; that writer's later writes are "
+                        "refused and ignored)", shown, describe_holder(current), reason, holder["fence"])
             with contextlib.suppress(FileNotFoundError):
                 fs.rm_file(key)
         except OSError as exc:
             raise StoreError(f"{shown}: cannot lock the store for writing ({urls.redact(exc)}); check the location "
                              "and that your credentials may write there") from None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_fence(fs: Any, root: str, fence: Fence, shown: str) -> None:
+    """Raise LockLostError unless the lock object under `root` still names `fence`'s holder: one small read, made
+    before every write of a fenced writer (client or worker)."""
+    key = f"{root}/{LOCK_NAME}"
+    try:
+        current = json.loads(fs.cat_file(key))
+    except FileNotFoundError:
+        current = None
+    except (ValueError, RecursionError):
+        current = {}
+    except OSError as exc:
+        raise StoreError(f"{shown}: cannot read the writer lock {LOCK_NAME} ({urls.redact(exc)}); check the location "
+                         "and your credentials, then re-run (finished shards are kept)") from None
+    if isinstance(current, dict) and current.get("token") == fence.holder:
+        return
+    raise LockLostError(lost_message(shown, fence, current))
+
+
+def lost_message(shown: str, fence: Fence, current: Any) -> str:
+    """What a writer whose lock was taken over says (one line): who holds the lock now, and what to do."""
+    if current is None:
+        return (f"{shown}: this writer's lock ({fence}) was taken over by another writer, which has since released "
+                "it; this writer stops without writing more: check the store with `advpipe verify`, or re-run this "
+                "command to resume it")
+    if not isinstance(current, dict) or not current:
+        return (f"{shown}: this writer's lock ({fence}) was replaced by an unreadable {LOCK_NAME}; this writer "
+                "stops without writing more: make sure no other writer runs, then re-run this command to resume")
+    return (f"{shown}: this writer's lock ({fence}) was taken over by another writer (fence {current.get('fence')}: "
+            f"{describe_holder(current)}), most likely because this one was paused for more than ADVPIPE_LOCK_TTL; "
+            "this writer stops without writing more: let that writer finish the store (re-run this command only if "
+            "it fails)")
 
 
 def _lock_bytes(holder: dict) -> bytes:
@@ -234,13 +333,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _heartbeat(fs: Any, key: str, holder: dict, stop: threading.Event, shown: str) -> None:
-    """Rewrite the lock object every HEARTBEAT_SECONDS while it is still ours."""
-    while not stop.wait(HEARTBEAT_SECONDS):
+def _heartbeat(fs: Any, key: str, holder: dict, stop: threading.Event, lost: threading.Event, shown: str) -> None:
+    """Rewrite the lock object every `heartbeat_seconds()` while it is still ours. Once it names another holder
+    (or is gone) the heartbeat stops for good and sets `lost`: the writer's next fenced step raises LockLostError
+    (a heartbeat never writes over another holder's lock)."""
+    while not stop.wait(heartbeat_seconds()):
         try:
-            if _token(fs, key) != holder["token"]:
-                log.error("%s: the writer lock was taken over by another writer; this run's shards may be mixed "
-                          "with that run's: re-run with --force when both have ended", shown)
+            try:
+                current = json.loads(fs.cat_file(key))
+            except FileNotFoundError:
+                current = None
+            except (ValueError, RecursionError):
+                current = {}
+            if not isinstance(current, dict) or current.get("token") != holder["token"]:
+                lost.set()
+                log.debug("%s: the writer lock (fence %d) is no longer this writer's; it stops at its next write",
+                          shown, holder["fence"])
                 return
             fs.pipe_file(key, _lock_bytes(holder))
         except OSError as exc:

@@ -12,6 +12,14 @@ is built in a local temporary file, hashed, uploaded with one put and its size c
 marker, progress records, card and manifest are small objects, the manifest last. Every Dask
 worker writes its own shards this way, so no shared file system is needed (docs/CLUSTER.md).
 
+A remote writer is fenced (stores/lock.py): it carries its lock holder's `Fence`, checks before every
+put or delete that the lock object still names it (a writer taken over stops with LockLostError),
+and stamps the fencing token into every JSON object it writes (marker, progress records, saved
+manifest). A progress record also names the shard object as the service stored it (ETag, version
+id), so a resume checks a finished shard with one HEAD instead of reading it back, and the manifest
+is assembled only from records bearing the current token whose objects are still those recorded
+(`accepted_progress`); a stale writer's records are ignored and logged with their token.
+
 A writer holds the store's lock (stores/lock.py) for its whole run, and deletes only what
 advpipe wrote: `--force` replaces a store or an interrupted generation, never another
 directory or prefix, the working or home directory, or the source of a conversion (`check_target`).
@@ -31,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from advpipe import urls
-from advpipe.errors import AdvpipeError, StoreError
+from advpipe.errors import AdvpipeError, IntegrityError, LockLostError, StoreError
 from advpipe.faults import fault_point
 from advpipe.io import (
     PROBE_NAME,
@@ -45,7 +53,17 @@ from advpipe.io import (
 from advpipe.provenance import library_versions
 from advpipe.stores.backends import backend, shard_name
 from advpipe.stores.card import CARD_NAME, render_card, write_card
-from advpipe.stores.lock import HOLDER_NAME, LOCK_FILES, LOCK_NAME, store_lock, writer_filesystem
+from advpipe.stores.lock import (
+    HOLDER_NAME,
+    LOCK_FILES,
+    LOCK_NAME,
+    Fence,
+    check_fence,
+    describe_fence,
+    holder_fence,
+    store_lock,
+    writer_filesystem,
+)
 from advpipe.stores.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardRecord, read_manifest
 from advpipe.stores.shard import Layout, ShardData
 from advpipe.stores.source import ShardSource
@@ -72,9 +90,19 @@ class RemoteDir:
         self.storage_options = dict(storage_options or {})
         self.shown = urls.redact(location)
         self._fs: tuple[Any, str] | None = None
+        #: the lock holder's fencing token this writer writes under (None: unfenced, e.g. before the lock is taken)
+        self.fence: Fence | None = None
 
     def __str__(self) -> str:
         return self.shown
+
+    def check_fence(self, quick: bool = False) -> None:
+        """Raise LockLostError unless the lock object still names this writer's fence (nothing to check when
+        unfenced). With `quick`, only ask this process's heartbeat (no request): whether it already saw another
+        holder."""
+        if self.fence is None or (quick and not self.fence.noticed_lost()):
+            return
+        check_fence(self.fs, self.root, self.fence, self.shown)
 
     def _opened(self) -> tuple[Any, str]:
         if self._fs is None:
@@ -116,14 +144,23 @@ class RemoteDir:
             return self.fs.cat_file(self.key(name))
 
     def write(self, name: str, data: bytes) -> None:
+        self.check_fence()
         with self.errors(f"write {name}"):
             self.fs.pipe_file(self.key(name), data)
 
-    def put(self, local: Path, name: str) -> int:
-        """Upload a local file as one object; returns the object's size as stored."""
+    def put(self, local: Path, name: str) -> tuple[int, dict]:
+        """Upload a local file as one object; returns the object's size and identity (`stat`) as stored."""
+        self.check_fence()
         with self.errors(f"upload {name}"):
             self.fs.put_file(str(local), self.key(name))
-            return int(self.fs.size(self.key(name)))
+        return self.stat(name)
+
+    def stat(self, name: str) -> tuple[int, dict]:
+        """(size, identity) of an object, from one HEAD request: the identity holds the service's `etag` and
+        `version_id` where it gives them (S3: ETag, VersionId; GCS: etag, generation; Azure: etag, version_id)."""
+        with self.errors(f"read {name}", missing=True):
+            info = self.fs.info(self.key(name))
+        return int(info["size"]), object_identity(info)
 
     def names(self) -> list[str]:
         """Every object under the prefix, relative to it."""
@@ -134,6 +171,7 @@ class RemoteDir:
 
     def delete(self, names: Sequence[str]) -> None:
         if names:
+            self.check_fence()
             with self.errors("delete old store objects", missing=True), contextlib.suppress(FileNotFoundError):
                 self.fs.rm([self.key(name) for name in names])
 
@@ -143,11 +181,17 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, backend_name: str, compression: str | None = None,
                  layout: Layout | None = None, protect: Sequence[str | os.PathLike] = (),
-                 storage_options: dict[str, Any] | None = None, splits: Mapping[str, int] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, splits: Mapping[str, int] | None = None,
+                 fence: Fence | None = None) -> None:
         """`splits` (split name -> number of shards) sizes the names the store will hold, for the path-length
-        check (default: DEFAULT_SPLITS)."""
+        check (default: DEFAULT_SPLITS). `fence`: the lock holder's fencing token a worker writes under (the
+        client's writer takes its own in `locked`); ignored for a local store."""
         text = os.fspath(path)
         self.remote = RemoteDir(text, storage_options) if urls.is_remote(text) else None
+        if self.remote is not None:
+            self.remote.fence = fence
+        #: shard name -> the identity (`RemoteDir.stat`) of the object this writer uploaded under it
+        self.uploaded: dict[str, dict] = {}
         self.path: Path | str = text if self.remote else Path(text.removeprefix("file://"))
         self.shown: Path | str = self.remote.shown if self.remote else self.path  # for messages: no credentials
         self.storage_options = dict(storage_options or {})
@@ -182,7 +226,11 @@ class StoreWriter:
         refuse_foreign(self.remote or self.path)
         if self.remote is not None:
             with store_lock(self.path, self.storage_options) as holder:
-                yield holder
+                self.remote.fence = holder_fence(holder)
+                try:
+                    yield holder
+                finally:
+                    self.remote.fence = None
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -191,6 +239,16 @@ class StoreWriter:
                              "choose a writable path") from None
         with store_lock(self.path) as holder:
             yield holder
+
+    @property
+    def fence(self) -> Fence | None:
+        """The fencing token this writer writes under (None for a local store, or before the lock is taken)."""
+        return self.remote.fence if self.remote is not None else None
+
+    def check_fence(self, quick: bool = False) -> None:
+        """Raise LockLostError when this writer's lock has been taken over (see `RemoteDir.check_fence`)."""
+        if self.remote is not None:
+            self.remote.check_fence(quick)
 
     def check_path_lengths(self) -> None:
         """Refuse a local store path that the file system could not hold every file of (NAME_MAX, PATH_MAX),
@@ -341,13 +399,14 @@ class StoreWriter:
                 local = Path(scratch) / Path(name).name
                 self.backend.write(local, shard, self.layout, self.compression)
                 size, digest = local.stat().st_size, sha256_file(local)
-                stored = self.remote.put(local, name)
+                stored, identity = self.remote.put(local, name)
         except OSError as exc:
             raise StoreError(f"shard {name}: could not be built in the temporary directory {tempfile.gettempdir()} "
                              f"({exc}); free space there (or set TMPDIR) and re-run to resume") from None
         if stored != size:
             raise StoreError(f"shard {name}: stored as {stored} bytes at {self.shown}, but {size} were uploaded; "
                              "re-run to resume (the shard is computed again)")
+        self.uploaded[name] = identity
         return ShardRecord(name=name, start=shard.start, stop=shard.stop, bytes=size, sha256=digest)
 
     def progress_path(self, split: str, index: int) -> Path:
@@ -358,33 +417,104 @@ class StoreWriter:
         return f"{PROGRESS_DIR}/{split}-{index:05d}.json"
 
     def record_progress(self, split: str, index: int, progress: dict) -> None:
-        """Mark a shard finished: `progress` holds the run's fingerprint, the shard record and its tallies."""
+        """Mark a shard finished: `progress` holds the run's fingerprint, the shard record and its tallies (and,
+        for a remote shard, `object`: the identity of the object as stored, see `RemoteDir.stat`); a fenced
+        writer adds its fencing token."""
         self._write_json(self._progress_name(split, index), progress)
 
     def read_progress(self, split: str, index: int) -> dict:
-        return json.loads(self._read(self._progress_name(split, index)))
+        value = json.loads(self._read(self._progress_name(split, index)))
+        if not isinstance(value, dict):
+            raise ValueError("a progress record is a JSON object")
+        return value
 
     def is_done(self, split: str, index: int, name: str, fingerprint: str) -> bool:
-        """A shard is finished when its progress record belongs to this run and the file matches its checksum
-        (a remote shard is read back and hashed: its listing's ETag is no sha256)."""
-        if not self._has(self._progress_name(split, index)):
-            return False
+        """A shard is finished when its progress record belongs to this run and the shard matches its record.
+
+        A local file is hashed. A remote object is checked with one HEAD: when its version id (or, without one,
+        its ETag) is the one recorded at upload, its bytes are the recorded ones (sha256 and size); otherwise, or
+        when the service gives neither, it is read back and hashed. A fenced writer then stamps the record with
+        its own token (the shard is this run's work from now on).
+        """
         try:
             progress = self.read_progress(split, index)
-            record = ShardRecord.model_validate(progress["record"])
-            done = progress["fingerprint"] == fingerprint and record.name == name
-            if done:
+        except FileNotFoundError:
+            return False
+        except (ValueError, OSError, RecursionError, AdvpipeError):
+            progress = None
+        done = False
+        try:
+            if progress is not None:
+                record = ShardRecord.model_validate(progress["record"])
+                done = progress["fingerprint"] == fingerprint and record.name == name
+            if done and self.remote is not None:
+                identity = self._check_object(record, progress.get("object"))
+                if self.fence is not None and (not self.fence.owns(progress.get("fence"))
+                                               or identity != progress.get("object")):
+                    log.debug("shard %s: finished by an earlier writer (%s) and verified: kept", name,
+                              describe_fence(progress.get("fence")))
+                    self.record_progress(split, index, {**progress, "object": identity})
+            elif done:
                 self._source().fetch(record, "checksum")
-        except (ValueError, KeyError, OSError, AdvpipeError):
+        except LockLostError:
+            raise
+        except (ValueError, KeyError, TypeError, OSError, AdvpipeError):
             done = False
         if not done:
             log.warning("shard %s: unfinished or changed; it will be recomputed", name)
         return done
 
+    def accepted_progress(self, split: str, index: int, name: str, fingerprint: str) -> dict | None:
+        """The progress record of a finished shard, as the manifest may take it; None (logged) when it is missing
+        or unreadable, another configuration's, or for another shard. For a fenced (remote) writer also when it
+        bears another fencing token than this writer's (a stale writer's: ignored, never assembled), or when the
+        shard object is no longer the one recorded (checked as `is_done` checks it)."""
+        where = self._progress_name(split, index)
+        try:
+            progress = self.read_progress(split, index)
+            record = ShardRecord.model_validate(progress["record"])
+        except FileNotFoundError:
+            log.warning("shard %s: no progress record; it is computed again", name)
+            return None
+        except (ValueError, KeyError, TypeError, RecursionError):
+            log.warning("%s: unreadable; shard %s is computed again", where, name)
+            return None
+        if self.fence is not None and not self.fence.owns(progress.get("fence")):
+            log.warning("%s: ignoring %s, written by a stale writer (%s; this writer holds %s); shard %s is computed "
+                        "again", self.shown, where, describe_fence(progress.get("fence")), self.fence, name)
+            return None
+        if progress.get("fingerprint") != fingerprint or record.name != name:
+            log.warning("%s: belongs to another configuration or shard; shard %s is computed again", where, name)
+            return None
+        if self.remote is not None:
+            try:
+                self._check_object(record, progress.get("object"), rehash=False)
+            except (FileNotFoundError, IntegrityError) as exc:
+                log.warning("shard %s: its object is no longer the one its record names (%s); it is computed again",
+                            name, exc)
+                return None
+        return progress
+
+    def _check_object(self, record: ShardRecord, recorded: Any, rehash: bool = True) -> dict:
+        """Check the remote shard object against its record; returns its identity as stored now. One HEAD when
+        the recorded identity matches (`same_object`); otherwise the object is read back and hashed. Without
+        `rehash` (the manifest's check of shards this run just wrote or checked) an object whose service gives
+        no identity is taken on its size, as a resume before identities were recorded took it. Raises
+        IntegrityError (or FileNotFoundError) when it does not match."""
+        size, identity = self.remote.stat(record.name)
+        if size != record.bytes:
+            raise IntegrityError(f"shard {record.name}: {size} bytes stored, {record.bytes} recorded")
+        comparable = isinstance(recorded, dict) and bool(recorded) and bool(identity)
+        if not same_object(recorded, identity) and (rehash or comparable):
+            self._source().fetch(record, "checksum")
+        return identity
+
     # publishing -------------------------------------------------------------------------------
 
     def publish(self, manifest: Manifest) -> None:
-        """Write the card (README.md) and then the manifest, the last file of a store; then remove the run's state."""
+        """Write the card (README.md) and then the manifest, the last file of a store; then remove the run's state.
+
+        A fenced writer re-reads the lock before each of these writes: one taken over publishes nothing."""
         if self.remote is not None:
             self.remote.write(CARD_NAME, render_card(manifest).encode())
             text = manifest_text(manifest).encode()
@@ -424,8 +554,10 @@ class StoreWriter:
     def _write_json(self, name: str, value: Any) -> None:
         if self.remote is None:
             atomic_write_json(self.path / name, value)
-        else:
-            self.remote.write(name, (json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+            return
+        if self.fence is not None and isinstance(value, dict):
+            value = {**value, "fence": self.fence.token()}
+        self.remote.write(name, (json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
     def _delete(self, name: str) -> None:
         if self.remote is not None:
@@ -433,6 +565,24 @@ class StoreWriter:
         else:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / name).unlink()
+
+
+def object_identity(info: Mapping[str, Any]) -> dict:
+    """What names one stored version of an object, from an fsspec `info()`: {"etag", "version_id"}, each only
+    where the service gives it (S3: ETag, VersionId; GCS: etag, generation; Azure: etag, version_id)."""
+    found = {"etag": info.get("ETag") or info.get("etag"),
+             "version_id": info.get("VersionId") or info.get("version_id") or info.get("generation")}
+    return {key: str(value) for key, value in found.items() if value not in (None, "", "null")}
+
+
+def same_object(recorded: Any, current: Mapping[str, Any]) -> bool:
+    """Whether an object's identity now (`object_identity`) proves it is the version recorded at upload: the same
+    version id where both have one, else the same ETag. False when neither can be compared (then re-hash)."""
+    if not isinstance(recorded, dict):
+        return False
+    if recorded.get("version_id") and current.get("version_id"):
+        return recorded["version_id"] == current["version_id"]
+    return bool(recorded.get("etag")) and recorded.get("etag") == current.get("etag")
 
 
 def check_target(path: str | os.PathLike, protect: Sequence[str | os.PathLike] = ()) -> None:

@@ -1,9 +1,11 @@
 """Generation straight into object storage (s3:// on moto's S3 server), as on a cluster without a shared file system.
 
 Every shard and progress record is an object written by the worker that computed it; the
-manifest is the last object; a killed run resumes from the shards whose objects re-hash to their
-records; a second writer on the same URL is refused while the first holds the lock object. The
-bytes must be those of the same store generated on local disk (the session's `reference_store`).
+manifest is the last object; a killed run resumes from the shards whose objects still are the
+ones recorded (one HEAD each; re-hashed when the service cannot say); a second writer on the same
+URL is refused while the first holds the lock object, and a writer paused past the lock's
+time-to-live is fenced off once taken over. The bytes must be those of the same store generated
+on local disk (the session's `reference_store`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -34,6 +37,7 @@ from conftest import (
 )
 from distributed import Client
 
+import advpipe.pipeline.job as job_module
 import advpipe.stores.lock as lock_module
 import advpipe.stores.writer as writer_module
 from advpipe.config import config_from_dict
@@ -168,8 +172,9 @@ def test_two_dask_workers_write_to_s3_and_a_killed_client_resumes(tmp_path, digi
 
 def test_a_killed_inline_run_resumes_only_from_shards_that_rehash(tmp_path, digits_model, reference_store,
                                                                    s3_bucket):
-    """A shard object changed since its progress record (same size, one bit) is computed again: the resume reads
-    every recorded shard back and hashes it, trusting neither the record nor the object's size."""
+    """A shard object changed since its progress record (same size, one bit) is computed again: its ETag is no longer
+    the one recorded at upload, so the resume reads it back and hashes it, trusting neither the record nor the
+    object's size."""
     url = f"{s3_bucket}/digits"
     raw = s3_config(tmp_path, digits_model, url)
     killed = subprocess.run([str(BIN / "advpipe"), "generate", str(write_config(tmp_path, raw))],
@@ -231,6 +236,7 @@ def test_the_lock_object_refuses_a_live_writer_and_takes_over_a_dead_one(s3_buck
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     with store_lock(url) as holder:
         assert json.loads(fs.cat_file(f"{url}/{LOCK_NAME}"))["pid"] == os.getpid() == holder["pid"]
+        assert json.loads(fs.cat_file(f"{url}/{LOCK_NAME}"))["fence"] == 1  # a lock created afresh
         with pytest.raises(StoreError, match=rf"another advpipe writer .*process {os.getpid()} on host"), \
                 store_lock(url):
             pass
@@ -239,11 +245,12 @@ def test_the_lock_object_refuses_a_live_writer_and_takes_over_a_dead_one(s3_buck
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     here = {"host": socket.gethostname(), "pid": dead.pid, "started": "then", "command": "advpipe generate x",
-            "token": "dead", "heartbeat": time.time()}
+            "token": "dead", "fence": 4, "heartbeat": time.time()}
     elsewhere = {**here, "host": "another-node", "pid": 1, "token": "far"}
     fs.pipe_file(f"{url}/{LOCK_NAME}", json.dumps(here).encode())
     with caplog.at_level(logging.WARNING), store_lock(url):
         assert "no longer exists on this host" in caplog.text
+        assert json.loads(fs.cat_file(f"{url}/{LOCK_NAME}"))["fence"] == 5  # every takeover: one more
     fs.pipe_file(f"{url}/{LOCK_NAME}", json.dumps(elsewhere).encode())
     with pytest.raises(StoreError, match="process 1 on host another-node"), store_lock(url):
         pass
@@ -304,3 +311,178 @@ def test_adding_a_variant_extends_a_store_in_s3(tmp_path, digits_model, referenc
     assert object_shard_sums(objects) == shard_file_sums(reference_store)
     assert sorted(name for name in objects if not name.endswith(".h5")) == ["README.md", "manifest.json"]
     assert generate(config_from_dict(raw), progress=False).status == "up-to-date"
+
+
+def lock_heartbeat_age(url: str) -> float | None:
+    lock = json.loads(bucket_objects(url)[LOCK_NAME])
+    return time.time() - lock["heartbeat"]
+
+
+def test_a_writer_paused_past_the_lock_ttl_is_fenced_off(tmp_path, digits_model, reference_store, s3_bucket,
+                                                        monkeypatch, caplog):
+    """The first writer freezes (SIGSTOP) after its first shard, longer than ADVPIPE_LOCK_TTL; a second takes its lock
+    over (fence 2), keeps the verified shard and finishes the store; the first, continued, writes nothing more and
+    exits with one line naming the takeover. The store is the second writer's, whole and verified."""
+    url = f"{s3_bucket}/fenced"
+    raw = s3_config(tmp_path, digits_model, url)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADVPIPE_FAULT": "between-shards:stop", "ADVPIPE_LOCK_TTL": "2",
+           "ADVPIPE_FAULT_ONCE": str(tmp_path / "frozen.pid")}  # continued, it would go on to the end unfenced
+    first = subprocess.Popen([str(BIN / "advpipe"), "generate", str(write_config(tmp_path, raw))], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: stopped(first.pid), "the first writer to freeze after its first shard", 300, alive=first)
+        lock = json.loads(bucket_objects(url)[LOCK_NAME])
+        assert (lock["pid"], lock["fence"]) == (first.pid, 1)
+        wait_for(lambda: True if lock_heartbeat_age(url) > 2.5 else None, "the frozen writer's lock to go stale", 30)
+
+        monkeypatch.setenv("ADVPIPE_LOCK_TTL", "2")
+        with caplog.at_level(logging.WARNING):
+            outcome = generate(config_from_dict(raw), progress=False)
+        assert (outcome.status, outcome.computed, outcome.reused) == ("created", 5, 1)
+        assert f"taking over the writer lock of process {first.pid} on host" in caplog.text
+        assert "no heartbeat for more than 2 s (ADVPIPE_LOCK_TTL) (fence 2;" in caplog.text
+        published = bucket_objects(url)
+
+        first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("advpipe generate:")]
+    assert errors == [stderr.rstrip("\n").splitlines()[-1]] and "Traceback" not in stderr
+    assert errors[0].startswith(f"advpipe generate: error: {url}: this writer's lock (fence 1) was taken over by "
+                                "another writer, which has since released it; this writer stops without writing more")
+
+    assert bucket_objects(url) == published  # the first writer wrote (and deleted) nothing after it was continued
+    assert sorted(name for name in published if not name.endswith(".h5")) == ["README.md", "manifest.json"]
+    assert object_shard_sums(published) == shard_file_sums(reference_store)
+    manifest = json.loads(published["manifest.json"])
+    assert {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]} == \
+        shard_sums(reference_store)
+    assert verify_store(url).ok
+
+
+def test_the_manifest_takes_only_this_writers_records_of_unchanged_objects(tmp_path, digits_model, reference_store,
+                                                                         s3_bucket, monkeypatch, caplog):
+    """After the shards are written, a stale writer (fence 4, taken over by this run: fence 5) lands a progress record
+    with a wrong checksum over this run's, and a shard object changes under its record: neither reaches the manifest;
+    both shards are reported and computed again, and the store is the reference's."""
+    url = f"{s3_bucket}/assembled"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_fence = {"number": 4, "holder": "4" * 32}
+    fs.pipe_file(f"{url}/{LOCK_NAME}", json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then",
+                                                  "command": "advpipe generate x", "token": stale_fence["holder"],
+                                                  "fence": 4, "heartbeat": time.time()}).encode())
+    run = job_module._run
+    rounds: list[list[str]] = []
+
+    def run_then_overwrite(tasks, job, *args, **kwargs):
+        run(tasks, job, *args, **kwargs)
+        rounds.append(sorted(t.name for t in tasks))
+        if len(rounds) == 1:  # the stale writer's late writes, after every shard of this run is recorded
+            key = f"{url}/.progress/train-00001.json"
+            progress = json.loads(fs.cat_file(key))
+            assert progress["fence"]["number"] == 5 and progress["object"]["etag"]
+            stale = {**progress, "fence": stale_fence, "record": {**progress["record"], "sha256": "0" * 64}}
+            fs.pipe_file(key, json.dumps(stale).encode())
+            shard = bytearray(fs.cat_file(f"{url}/test/test-00000.h5"))
+            shard[len(shard) // 2] ^= 0x01
+            fs.pipe_file(f"{url}/test/test-00000.h5", bytes(shard))
+
+    monkeypatch.setattr(job_module, "_run", run_then_overwrite)
+    with caplog.at_level(logging.WARNING):
+        outcome = generate(config_from_dict(s3_config(tmp_path, digits_model, url)), progress=False)
+    assert rounds[1:] == [["test/test-00000.h5", "train/train-00001.h5"]] and outcome.computed == 6
+    assert (f"{url}: ignoring .progress/train-00001.json, written by a stale writer (fence 4, holder 44444444; this "
+            "writer holds fence 5)") in caplog.text
+    assert "shard test/test-00000.h5: its object is no longer the one its record names" in caplog.text
+
+    objects = bucket_objects(url)
+    manifest = json.loads(objects["manifest.json"])
+    assert {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]} == \
+        shard_sums(reference_store)
+    assert object_shard_sums(objects) == shard_file_sums(reference_store)
+    assert verify_store(url).ok
+
+
+class BucketReads:
+    """Counts what s3fs asks of the bucket, in this process, by key: bytes of GET responses, HEAD and PUT requests."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.got: Counter[str] = Counter()
+        self.heads: Counter[str] = Counter()
+        self.puts: Counter[str] = Counter()
+        call = s3fs.S3FileSystem._call_s3
+
+        async def counted(fs, method, *args, **kwargs):
+            out = await call(fs, method, *args, **kwargs)
+            if method == "get_object":
+                self.got[kwargs["Key"]] += int(out["ContentLength"])
+            elif method == "head_object":
+                self.heads[kwargs["Key"]] += 1
+            elif method in ("put_object", "create_multipart_upload"):
+                self.puts[kwargs["Key"]] += 1
+            return out
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+
+    @staticmethod
+    def on_shards(counts: Counter[str]) -> int:
+        return sum(n for key, n in counts.items() if key.endswith(".h5"))
+
+
+def interrupted(self, manifest):
+    raise KeyboardInterrupt("stopped before the manifest")
+
+
+def test_a_resume_checks_finished_shards_without_reading_them(tmp_path, digits_model, s3_bucket, monkeypatch,
+                                                            capsys):
+    """A resume of a finished but unpublished 16-shard store reads no shard byte: each shard is checked with HEAD
+    requests against the ETag recorded at upload. Where the service gives no ETag or version id (simulated), the
+    resume falls back to reading every shard back and hashing it: the whole store once, as every resume did
+    before."""
+    url = f"{s3_bucket}/resumed"
+    raw = s3_config(tmp_path, digits_model, url, batch_size=12)
+    raw["store"]["shard_size"] = 12  # 96 images per split: 8 + 8 shards
+    raw["variants"] = {"gaussian": {"sigma": 0.1}}  # no attack: the shards, not the variants, are measured here
+    with pytest.MonkeyPatch.context() as patch:  # every shard and progress record written, no manifest
+        patch.setattr(writer_module.StoreWriter, "publish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate(config_from_dict(raw), progress=False)
+    objects = bucket_objects(url)
+    shards = {name: data for name, data in objects.items() if name.endswith(".h5")}
+    assert len(shards) == 16 and "manifest.json" not in objects
+    assert len([name for name in objects if name.startswith(".progress/")]) == 16
+    progress = json.loads(objects[".progress/train-00000.json"])
+    assert progress["object"]["etag"].strip('"') == hashlib.md5(shards["train/train-00000.h5"]).hexdigest()
+
+    with pytest.MonkeyPatch.context() as patch:  # resumed up to the manifest again
+        patch.setattr(writer_module.StoreWriter, "publish", interrupted)
+        reads = BucketReads(patch)
+        with pytest.raises(KeyboardInterrupt):
+            generate(config_from_dict(raw), progress=False)
+    after, heads = reads.on_shards(reads.got), reads.on_shards(reads.heads)
+    assert after == 0 and reads.on_shards(reads.puts) == 0 and heads <= 2 * 16
+
+    info = s3fs.S3FileSystem._info
+
+    async def anonymous(fs, path, *args, **kwargs):  # a service that names no object version
+        out = await info(fs, path, *args, **kwargs)
+        return {k: v for k, v in out.items() if k not in ("ETag", "VersionId")}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(s3fs.S3FileSystem, "_info", anonymous)
+        reads = BucketReads(patch)
+        outcome = generate(config_from_dict(raw), progress=False)
+    before = reads.on_shards(reads.got)
+    assert (outcome.status, outcome.computed, outcome.reused) == ("created", 0, 16)
+    assert before == sum(len(data) for data in shards.values()) and reads.on_shards(reads.puts) == 0
+    assert verify_store(url).ok
+    with capsys.disabled():
+        print(f"\n16-shard resume: shard bytes read re-hashing every shard (every resume before; now only where the "
+              f"service gives no ETag or version id) {before}, with the recorded ETag {after} ({heads} HEAD requests "
+              "on shards)")
