@@ -16,7 +16,7 @@ Each configuration runs `advpipe.pipeline.job.generate` in a subprocess of its o
 peak RSS is its own) on a LocalCluster it starts itself: --cluster local:2 -> 2 worker processes, one
 thread each, reached through `generate(..., scheduler=ADDRESS)`, which indexes lazy sources on those
 workers as --cluster local:2 would. Variants: gaussian (sigma 0.05) and fgsm (eps 0.03) on a LeNet
-trained for a few seconds at 64x64 (its accuracy does not matter here); store precision --precision
+trained for --train-steps Adam steps at 64x64 (its accuracy does not matter here); store precision --precision
 (float16). generation.statistics is off unless --statistics: its five extra LeNet passes per image
 (about half the per-image cost at 64x64) are the same for every source, so they only dilute the
 lazy-vs-in-memory comparison, and with them the 8N runs take twice as long.
@@ -184,8 +184,8 @@ def tree_bytes(path: Path) -> int:
 # --------------------------------------------------------------------------- the source model
 
 
-def train_model(path: Path, seed: int, seconds: float) -> None:
-    """A LeNet at 64x64x3, trained for `seconds` on synthetic images (accuracy does not matter here)."""
+def train_model(path: Path, seed: int, steps: int) -> None:
+    """A LeNet at 64x64x3, trained for `steps` Adam steps on synthetic images (accuracy does not matter here)."""
     import torch
     import torch.nn.functional as F
 
@@ -200,19 +200,19 @@ def train_model(path: Path, seed: int, seconds: float) -> None:
     y = torch.from_numpy(labels)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.003)
     model.train()
-    deadline, steps = time.monotonic() + seconds, 0
-    while time.monotonic() < deadline:
+    started = time.perf_counter()
+    for _ in range(steps):
         batch = torch.randint(0, len(x), (64,))
         loss = F.cross_entropy(model(x[batch]), y[batch])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        steps += 1
     model.eval()
     with torch.no_grad():
         accuracy = float((model(x[:512]).argmax(1) == y[:512]).float().mean())
     save_checkpoint(path, model, CLASSES, {"bench": "scale", "steps": steps, "train_acc": accuracy})
-    print(f"model: lenet 64x64x3, {steps} Adam steps in {seconds:.0f} s, train accuracy {accuracy:.2f}")
+    print(f"model: lenet 64x64x3, {steps} Adam steps in {time.perf_counter() - started:.0f} s, "
+          f"train accuracy {accuracy:.2f}")
 
 
 # --------------------------------------------------------------------------- one configuration (subprocess)
@@ -499,6 +499,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=512, help="images per store shard")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-steps", type=int, default=100, help="Adam steps of the source model (batch 64)")
     parser.add_argument("--statistics", action="store_true",
                         help="generation.statistics on (the library's default): five more model passes per image")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each N configuration (best rate kept)")
@@ -526,8 +527,8 @@ def main() -> None:
         sizes = f", npz {npz.stat().st_size / GIB:.2f} GiB" if npz.exists() else ""
         print(f"  set {count}: folder {tree_bytes(root / 'folder') / GIB:.2f} GiB, shards "
               f"{tree_bytes(root / 'wds') / GIB:.2f} GiB{sizes}")
-    model = work / f"lenet-{SIZE}-{args.seed}.pt"
-    train_model(model, args.seed, seconds=5)
+    model = work / f"lenet-{SIZE}-{args.seed}-{args.train_steps}.pt"
+    train_model(model, args.seed, args.train_steps)
 
     wanted = {label.strip() for label in args.only.split(",") if label.strip()}
     chosen = [c for c in configurations(work, sets, n, eight) if not wanted or c[0] in wanted]
