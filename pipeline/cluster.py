@@ -192,27 +192,41 @@ def _quiet_workers() -> Iterator[None]:
             os.environ[WORKER_LOGGING] = saved
 
 
-def dask_runner(client: Any, progress: bool = True) -> Callable[[Callable[..., Any], Sequence[Any], str], list]:
-    """A Runner (advpipe.datasets.lazy) that maps tasks over `client`'s workers, results in order."""
+def map_on(client: Any, function: Callable[..., Any], items: Sequence[Any], what: str, *, failure: str,
+           progress: bool = True, unit: str = "task", after_each: Callable[[], None] | None = None,
+           **options: Any) -> list:
+    """Run `function` over `items` on `client`'s workers with a progress bar; the results in order.
+
+    advpipe's own errors reach the caller as they are; any other failure becomes a GenerationError
+    starting with `failure`. `after_each` runs as each task finishes; `options` go to client.map.
+    """
     from distributed import as_completed
 
     from advpipe.errors import AdvpipeError, GenerationError
 
+    futures = client.map(function, list(items), pure=False, **options)
+    try:
+        with tqdm(total=len(futures), desc=what, unit=unit, disable=not progress) as bar:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+                if after_each is not None:
+                    after_each()
+        return [future.result() for future in futures]
+    except AdvpipeError:
+        raise
+    except Exception as exc:
+        raise GenerationError(f"{failure}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            client.cancel(futures)
+
+
+def dask_runner(client: Any, progress: bool = True) -> Callable[[Callable[..., Any], Sequence[Any], str], list]:
+    """A Runner (advpipe.datasets.lazy) that maps tasks over `client`'s workers, results in order."""
     def run(function: Callable[..., Any], items: Sequence[Any], what: str) -> list:
-        futures = client.map(function, list(items), pure=False)
-        try:
-            with tqdm(total=len(futures), desc=what, unit="task", disable=not progress or len(futures) < 2) as bar:
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update()
-            return [future.result() for future in futures]
-        except AdvpipeError:
-            raise
-        except Exception as exc:
-            raise GenerationError(f"{what}: a task failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                client.cancel(futures)
+        return map_on(client, function, items, what, failure=f"{what}: a task failed",
+                      progress=progress and len(items) > 1)
 
     return run
 

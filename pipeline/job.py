@@ -43,9 +43,9 @@ from advpipe.config import Config
 from advpipe.datasets import LAZY_READERS, Source, load_source
 from advpipe.datasets.lazy import LazySource, Runner, inline_runner
 from advpipe.devices import resolve_device
-from advpipe.errors import AdvpipeError, GenerationError, StoreError
+from advpipe.errors import GenerationError, StoreError
 from advpipe.faults import fault_point
-from advpipe.pipeline.cluster import dask_runner
+from advpipe.pipeline.cluster import dask_runner, map_on
 from advpipe.pipeline.plan import (
     JobSpec,
     ShardTask,
@@ -310,28 +310,13 @@ def _run(tasks: list[ShardTask], job: JobSpec, config: Config, cluster: str | No
 def _run_on(client: Any, tasks: list[ShardTask], job: JobSpec, config: Config, progress: bool,
             writer: StoreWriter | None = None, attempt: int = 0) -> None:
     """Submit the tasks to a connected client; the bar starts only once workers are there."""
-    from distributed import as_completed
-
     again = f"-again{attempt}" if attempt else ""
     keys = [f"shard-{t.split}-{t.index:05d}-{job.fingerprint[:8]}{again}" for t in tasks]
     # sent once to each worker, not with every task: a lazy source's index grows with the split
     shared = client.scatter(job, broadcast=True, hash=False) if job.sources else job
-    futures = client.map(run_shard, tasks, job=shared, key=keys, retries=config.generation.retries, pure=False)
-    bar = tqdm(total=len(tasks), desc="shards", unit="shard", disable=not progress)
-    try:
-        for future in as_completed(futures):
-            future.result()
-            bar.update()
-            if writer is not None:
-                writer.check_fence(quick=True)  # the heartbeat saw the lock taken over: stop now
-    except AdvpipeError:
-        raise
-    except Exception as exc:
-        raise GenerationError(f"a shard task failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        bar.close()
-        with contextlib.suppress(Exception):
-            client.cancel(futures)
+    check = (lambda: writer.check_fence(quick=True)) if writer is not None else None  # the lock was taken over: stop
+    map_on(client, run_shard, tasks, "shards", failure="a shard task failed", progress=progress, unit="shard",
+           after_each=check, job=shared, key=keys, retries=config.generation.retries)
 
 
 def _accepted(writer: StoreWriter, tasks: list[ShardTask], fingerprint: str) -> dict[tuple[str, int], dict]:

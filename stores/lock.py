@@ -261,11 +261,7 @@ def check_fence(fs: Any, root: str, fence: Fence, shown: str) -> None:
     before every write of a fenced writer (client or worker)."""
     key = f"{root}/{LOCK_NAME}"
     try:
-        current = json.loads(fs.cat_file(key))
-    except FileNotFoundError:
-        current = None
-    except (ValueError, RecursionError):
-        current = {}
+        current = _lock_json(fs, key)
     except OSError as exc:
         raise StoreError(f"{shown}: cannot read the writer lock {LOCK_NAME} ({urls.redact(exc)}); check the location "
                          "and your credentials, then re-run (finished shards are kept)") from None
@@ -293,15 +289,25 @@ def _lock_bytes(holder: dict) -> bytes:
     return (json.dumps({**holder, "heartbeat": time.time()}, sort_keys=True) + "\n").encode()
 
 
+def _lock_json(fs: Any, key: str) -> Any:
+    """The lock object's JSON value: None when there is none, {} when it is not JSON; other OSErrors propagate."""
+    try:
+        return json.loads(fs.cat_file(key))
+    except FileNotFoundError:
+        return None
+    except (ValueError, RecursionError):
+        return {}
+
+
 def _read_lock(fs: Any, key: str) -> tuple[bool, dict | None]:
     """(whether the lock object exists, its holder: None when unreadable)."""
     try:
-        value = json.loads(fs.cat_file(key))
-    except FileNotFoundError:
-        return False, None
-    except (OSError, ValueError, RecursionError):
+        value = _lock_json(fs, key)
+    except OSError:
         return True, None
-    return True, value if isinstance(value, dict) else None
+    if value is None:
+        return False, None
+    return True, value if isinstance(value, dict) and value else None
 
 
 def _token(fs: Any, key: str) -> str | None:
@@ -339,12 +345,7 @@ def _heartbeat(fs: Any, key: str, holder: dict, stop: threading.Event, lost: thr
     (a heartbeat never writes over another holder's lock)."""
     while not stop.wait(heartbeat_seconds()):
         try:
-            try:
-                current = json.loads(fs.cat_file(key))
-            except FileNotFoundError:
-                current = None
-            except (ValueError, RecursionError):
-                current = {}
+            current = _lock_json(fs, key)
             if not isinstance(current, dict) or current.get("token") != holder["token"]:
                 lost.set()
                 log.debug("%s: the writer lock (fence %d) is no longer this writer's; it stops at its next write",

@@ -127,6 +127,18 @@ class Index:
             return cls(data["location"].item().decode(), **{name: data[name] for name in cls.ARRAYS})
 
 
+class _Place:
+    """An image's place for messages, formatted (with redaction) only when a message shows it."""
+
+    __slots__ = ("index", "row")
+
+    def __init__(self, index: Index, row: int) -> None:
+        self.index, self.row = index, row
+
+    def __str__(self) -> str:
+        return self.index.where(self.row)
+
+
 def chunk_result(count: int) -> dict[str, np.ndarray]:
     """Empty per-image arrays for one index task's `count` images."""
     return {"container": np.zeros(count, np.int32), "offset": np.zeros(count, np.int64),
@@ -161,17 +173,11 @@ def filesystem(location: str, options: dict[str, Any]) -> tuple[Any, str]:
     return _FILESYSTEMS[key]
 
 
-def read_bytes(location: str, options: dict[str, Any], name: str, start: int | None = None,
-               stop: int | None = None) -> bytes:
-    """A container's bytes (or the range [start, stop) of them); a clear DataError when unreachable."""
-    fs, base = filesystem(location, options)
-    path = f"{base}/{name}"
+@contextlib.contextmanager
+def _read_errors(location: str, name: str) -> Iterator[None]:
+    """A missing container means the source changed (exit 3); any other failure to read it is a DataError."""
     try:
-        if urls.is_remote(location):
-            return fs.cat_file(path, start=start, end=stop)
-        with open(path, "rb") as handle:
-            handle.seek(start or 0)
-            return handle.read() if stop is None else handle.read(stop - (start or 0))
+        yield
     except FileNotFoundError:
         raise SourceChangedError(f"{urls.redact(location)}/{name}: no longer exists; the source changed since it "
                                  "was indexed") from None
@@ -180,18 +186,24 @@ def read_bytes(location: str, options: dict[str, Any], name: str, start: int | N
                         "reachable from here?") from None
 
 
+def read_bytes(location: str, options: dict[str, Any], name: str, start: int | None = None,
+               stop: int | None = None) -> bytes:
+    """A container's bytes (or the range [start, stop) of them); a clear DataError when unreachable."""
+    if not urls.is_remote(location):
+        with open_local(location, options, name) as handle, _read_errors(location, name):
+            handle.seek(start or 0)
+            return handle.read() if stop is None else handle.read(stop - (start or 0))
+    fs, base = filesystem(location, options)
+    with _read_errors(location, name):
+        return fs.cat_file(f"{base}/{name}", start=start, end=stop)
+
+
 @contextlib.contextmanager
 def open_local(location: str, options: dict[str, Any], name: str) -> Iterator[BinaryIO]:
     """A local container opened for reading, with read_bytes' errors."""
     fs, base = filesystem(location, options)
-    try:
+    with _read_errors(location, name):
         handle = open(f"{base}/{name}", "rb")  # noqa: SIM115  (closed below, after the caller's reads)
-    except FileNotFoundError:
-        raise SourceChangedError(f"{urls.redact(location)}/{name}: no longer exists; the source changed since it "
-                                 "was indexed") from None
-    except OSError as exc:
-        raise DataError(f"{urls.redact(location)}/{name}: cannot read it ({exc}); is the source reachable from "
-                        "here?") from None
     with handle:
         yield handle
 
@@ -292,7 +304,7 @@ class LazySource(Source):
             raise IndexError(f"image index out of range for the {len(self)} images of {self.kind}/{self.split}")
         out = np.empty((len(indices), *self.image_shape), dtype=np.uint8)
         for position, row, data in self._fetch(indices):
-            where = self.index.where(row)
+            where = _Place(self.index, row)  # formatted only if an error names it
             if hashlib.sha256(data).digest() != self.index.digests[row].tobytes():
                 raise SourceChangedError(f"{where}: its bytes changed since the source was indexed (sha256 "
                                          "differs); restore the source, or re-run to index it again")
@@ -303,7 +315,7 @@ class LazySource(Source):
             out[position] = self._finish(image, where)
         return out
 
-    def _finish(self, image: np.ndarray, where: str) -> np.ndarray:
+    def _finish(self, image: np.ndarray, where: Any) -> np.ndarray:
         """Channels and shape as the whole-loading path gives them (imagefolder.read_split, load_source)."""
         if self.decode.native_channels == 3 and image.shape[-1] == 1:
             image = np.repeat(image, 3, axis=-1)

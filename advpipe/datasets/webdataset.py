@@ -120,8 +120,7 @@ def list_shards(pattern: str, options: dict[str, Any]) -> tuple[str, list[str]]:
         return directory, found
     if not urls.is_remote(expanded[0]):
         expanded = [os.path.abspath(path) for path in expanded]
-    location = os.path.commonpath([path.rsplit("/", 1)[0] for path in expanded]) if not urls.is_remote(
-        expanded[0]) else _common_directory(expanded)
+    location = _common_directory(expanded)
     return location, [path[len(location) + 1 :] for path in expanded]
 
 

@@ -31,8 +31,9 @@ class SourceReader:
     def read(self, indices: np.ndarray, variant_ids: np.ndarray | int = 0) -> np.ndarray:
         if np.any(np.asarray(variant_ids) != 0):
             raise ValueError("a source split holds clean images only (variant 0)")
-        images = self.split.read(np.asarray(indices, dtype=np.int64)).transpose(0, 3, 1, 2)
-        return images.astype(np.float32) / np.float32(255)
+        images = self.split.read(np.asarray(indices, dtype=np.int64))
+        out = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)  # widen and lay out: one pass
+        return np.divide(out, np.float32(255), out=out)
 
 
 def source_loader(split: Source, batch_size: int, *, shuffle: bool = True, seed: int = 0,
